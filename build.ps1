@@ -1,0 +1,170 @@
+#!/usr/bin/env pwsh
+<#
+.SYNOPSIS
+    Every task of the BitmapBackup repository: Build, Help, Test, Demo, Bench, Package.
+.DESCRIPTION
+    Run with the repository's own PowerShell (dotnet tool restore; dotnet pwsh ./build.ps1 <Task>).
+    Build stages a ready module folder in out/BitmapBackup. Test runs the xunit suite of Core and the Pester
+    suite of the cmdlets (in a fresh child pwsh, since a binary module cannot be reloaded) and ends with one
+    line "N passed, N failed, N skipped"; it exits non-zero on any failure.
+.EXAMPLE
+    dotnet pwsh -NoProfile -NonInteractive ./build.ps1 Test
+#>
+[CmdletBinding()]
+param(
+    # Tasks to run, in order; comma-separated strings are split (pwsh -File passes "A,B" as one string).
+    [Parameter(Position = 0)]
+    [string[]] $Task = @('Build', 'Help', 'Test'),
+
+    [ValidateSet('Release', 'Debug')]
+    [string] $Configuration = 'Release',
+
+    # Pester version from NuGet (5.7.1 default; 6.2.0 also works).
+    [string] $PesterVersion = '5.7.1',
+
+    # Extra arguments for the bench program (suite names).
+    [string[]] $BenchArgs = @()
+)
+
+Set-StrictMode -Version Latest
+$ErrorActionPreference = 'Stop'
+$PSStyle.OutputRendering = 'PlainText'
+
+$Root = $PSScriptRoot
+$ModuleName = 'BitmapBackup'
+$OutDir = Join-Path $Root 'out'
+$ModuleDir = Join-Path $OutDir $ModuleName
+$Artifacts = Join-Path $Root 'artifacts'
+$Solution = Join-Path $Root 'BitmapBackup.slnx'
+$ValidTasks = 'Build', 'Help', 'HelpScaffold', 'Test', 'Demo', 'Bench', 'Package', 'Clean'
+
+$Task = @($Task | ForEach-Object { $_ -split ',' } | ForEach-Object { $_.Trim() } | Where-Object { $_ })
+foreach ($t in $Task) {
+    if ($t -notin $ValidTasks) { throw "Unknown task '$t'. Tasks: $($ValidTasks -join ', ')." }
+}
+
+function Invoke-Native {
+    # Runs a native command, streams its output to the host and throws on a non-zero exit code.
+    param([string] $FilePath, [string[]] $ArgumentList)
+    & $FilePath @ArgumentList | Out-Host
+    if ($LASTEXITCODE -ne 0) { throw "'$FilePath $($ArgumentList -join ' ')' failed with exit code $LASTEXITCODE." }
+}
+
+function Invoke-ChildPwsh {
+    # Runs a script in a fresh pwsh (under 'dotnet pwsh' the process is dotnet, so start pwsh.dll) and returns its exit code.
+    param([string] $File, [string[]] $ArgumentList = @())
+    & dotnet (Join-Path $PSHOME 'pwsh.dll') -NoProfile -NonInteractive -File $File @ArgumentList | Out-Host
+    return $LASTEXITCODE
+}
+
+function Get-NuGetRoot {
+    $line = & dotnet nuget locals global-packages --list
+    return ($line -replace '^global-packages:\s*', '').Trim()
+}
+
+$Completed = [System.Collections.Generic.HashSet[string]]::new()
+
+function Invoke-Task([string] $Name) {
+    if (-not $Completed.Add($Name)) { return }
+    Write-Host "== $Name" -ForegroundColor Cyan
+    & "Task-$Name"
+}
+
+function Task-Clean {
+    foreach ($d in $OutDir, $Artifacts) { if (Test-Path $d) { Remove-Item $d -Recurse -Force } }
+}
+
+function Task-Build {
+    Invoke-Native dotnet @('build', $Solution, '-c', $Configuration, '-nologo', '-v', 'q', '-clp:NoSummary')
+    if (Test-Path $ModuleDir) { Remove-Item $ModuleDir -Recurse -Force }
+    $null = New-Item -ItemType Directory -Path $ModuleDir
+    $bin = Join-Path $Root "src/Cmdlets/bin/$Configuration/net10.0"
+    foreach ($f in 'BitmapBackup.Cmdlets.dll', 'BitmapBackup.Cmdlets.pdb', 'BitmapBackup.Core.dll', 'BitmapBackup.Core.pdb') {
+        Copy-Item (Join-Path $bin $f) $ModuleDir
+    }
+    Copy-Item (Join-Path $Root 'Module/*') $ModuleDir
+    $null = Test-ModuleManifest (Join-Path $ModuleDir "$ModuleName.psd1")
+    Write-Host "Module staged in $ModuleDir"
+}
+
+function Task-Help {
+    Invoke-Task Build
+    $code = Invoke-ChildPwsh (Join-Path $Root 'build/Help.ps1') @('-Mode', 'Maml', '-Strict', '-ModulePath', (Join-Path $ModuleDir "$ModuleName.psd1"), '-DocsPath', (Join-Path $Root 'docs/help'))
+    if ($code -ne 0) { throw "Help generation failed (exit code $code)." }
+}
+
+function Task-HelpScaffold {
+    Invoke-Task Build
+    $code = Invoke-ChildPwsh (Join-Path $Root 'build/Help.ps1') @('-Mode', 'Scaffold', '-ModulePath', (Join-Path $ModuleDir "$ModuleName.psd1"), '-DocsPath', (Join-Path $Root 'docs/help'))
+    if ($code -ne 0) { throw "Help scaffolding failed (exit code $code)." }
+}
+
+function Get-JUnitCounts([string[]] $Files) {
+    $c = [ordered]@{ Passed = 0; Failed = 0; Skipped = 0 }
+    foreach ($f in $Files) {
+        [xml] $x = Get-Content -Raw $f
+        foreach ($s in $x.SelectNodes('//testsuite')) {
+            $tests = [int]$s.tests; $failures = [int]$s.failures; $errors = [int]$s.errors
+            $skipped = if ($s.HasAttribute('skipped')) { [int]$s.skipped } else { 0 }
+            $c.Failed += $failures + $errors; $c.Skipped += $skipped
+            $c.Passed += $tests - $failures - $errors - $skipped
+        }
+    }
+    return $c
+}
+
+function Task-Test {
+    Invoke-Task Build
+    Invoke-Task Help
+    $results = Join-Path $Artifacts 'test-results'
+    if (Test-Path $results) { Remove-Item $results -Recurse -Force }
+    $null = New-Item -ItemType Directory -Path $results -Force
+
+    # xunit (Core)
+    & dotnet test --solution $Solution -c $Configuration --no-build --report-xunit-junit --results-directory $results | Out-Host
+    $xunitExit = $LASTEXITCODE
+    $xunit = Get-JUnitCounts @(Get-ChildItem $results -Filter '*.junit.xml' -Recurse | ForEach-Object FullName)
+    if ($xunitExit -ne 0 -and $xunit.Failed -eq 0) { $xunit.Failed = 1; Write-Host "xunit exited with $xunitExit" }
+    Write-Host "xunit: $($xunit.Passed) passed, $($xunit.Failed) failed, $($xunit.Skipped) skipped"
+
+    # Pester (cmdlets), in a fresh pwsh that loads the staged module
+    Invoke-Native dotnet @('restore', (Join-Path $Root 'build/tools.csproj'), '-nologo', '-v', 'q')
+    $pesterModule = Join-Path (Get-NuGetRoot) "pester/$PesterVersion/tools/Pester.psd1"
+    $summary = Join-Path $results 'pester-summary.json'
+    $env:BITMAPBACKUP_MODULE = Join-Path $ModuleDir "$ModuleName.psd1"
+    $null = Invoke-ChildPwsh (Join-Path $Root 'tests/Invoke-Pester.ps1') @('-PesterModule', $pesterModule, '-SummaryPath', $summary, '-ResultsPath', (Join-Path $results 'pester.junit.xml'))
+    $pester = if (Test-Path $summary) { Get-Content -Raw $summary | ConvertFrom-Json } else { [pscustomobject]@{ Passed = 0; Failed = 1; Skipped = 0 } }
+    Write-Host "Pester: $($pester.Passed) passed, $($pester.Failed) failed, $($pester.Skipped) skipped"
+
+    $passed = $xunit.Passed + $pester.Passed
+    $failed = $xunit.Failed + $pester.Failed
+    $skipped = $xunit.Skipped + $pester.Skipped
+    $script:TestFailed = $failed -gt 0
+    Write-Host "$passed passed, $failed failed, $skipped skipped"
+}
+
+function Task-Demo {
+    Invoke-Task Build
+    $env:BITMAPBACKUP_MODULE = Join-Path $ModuleDir "$ModuleName.psd1"
+    $code = Invoke-ChildPwsh (Join-Path $Root 'demo/Demo.ps1')
+    if ($code -ne 0) { throw "The demo failed (exit code $code)." }
+}
+
+function Task-Bench {
+    Invoke-Native dotnet @('build', (Join-Path $Root 'bench/BitmapBackup.Bench'), '-c', 'Release', '-nologo', '-v', 'q', '-clp:NoSummary')
+    Invoke-Native dotnet (@('run', '--no-build', '-c', 'Release', '--project', (Join-Path $Root 'bench/BitmapBackup.Bench'), '--') + $BenchArgs)
+}
+
+function Task-Package {
+    Invoke-Task Help
+    $null = New-Item -ItemType Directory -Path $Artifacts -Force
+    $version = (Import-PowerShellDataFile (Join-Path $ModuleDir "$ModuleName.psd1")).ModuleVersion
+    $zip = Join-Path $Artifacts "$ModuleName-$version.zip"
+    Compress-Archive -Path $ModuleDir -DestinationPath $zip -Force
+    Write-Host "Packaged $zip"
+}
+
+$script:TestFailed = $false
+foreach ($t in $Task) { Invoke-Task $t }
+if ($script:TestFailed) { exit 1 }
+exit 0

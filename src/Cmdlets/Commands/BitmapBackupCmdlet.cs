@@ -1,0 +1,38 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup;
+
+/// <summary>Common plumbing of the module's cmdlets: the engine, node lookup and engine errors as ErrorRecords.</summary>
+public abstract class BitmapBackupCmdlet : PSCmdlet
+{
+    internal static BlockEngine Engine => BlockEngine.Default;
+
+    /// <summary>Run an engine call; an engine error becomes a non-terminating error of this input. Returns success.</summary>
+    protected bool TryRun(Action action)
+    {
+        try
+        {
+            action();
+            return true;
+        }
+        catch (BlockException e)
+        {
+            WriteError(ErrorRecordFactory.From(e));
+            return false;
+        }
+    }
+
+    /// <summary>Find an open node by name, or write NodeNotFound and return null.</summary>
+    protected BlockNode? ResolveNode(string name)
+    {
+        BlockNode? node = Engine.Find(name);
+        if (node is null)
+            WriteError(ErrorRecordFactory.From(new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{name}' not found.", name)));
+        return node;
+    }
+
+    /// <summary>A file-system path for a path the user gave, relative to the PowerShell location.</summary>
+    protected string ResolveFilePath(string path) => SessionState.Path.GetUnresolvedProviderPathFromPSPath(path);
+}

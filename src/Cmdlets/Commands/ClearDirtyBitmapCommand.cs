@@ -1,0 +1,28 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Bitmaps;
+
+namespace BitmapBackup;
+
+/// <summary>Clear-DirtyBitmap: resets every bit of a bitmap (QEMU's block-dirty-bitmap-clear).</summary>
+[Cmdlet(VerbsCommon.Clear, "DirtyBitmap", SupportsShouldProcess = true)]
+[OutputType(typeof(DirtyBitmapInfo))]
+public sealed class ClearDirtyBitmapCommand : DirtyBitmapCommandBase
+{
+    #region Parameters
+
+    /// <summary>Write the bitmap after the change.</summary>
+    [Parameter]
+    public SwitchParameter PassThru { get; set; }
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessBitmap(DirtyBitmap bitmap)
+    {
+        if (ShouldProcess(bitmap.ToString(), "Clear dirty bitmap") && TryRun(() => bitmap.Clear()) && PassThru)
+            WriteObject(new DirtyBitmapInfo(bitmap));
+    }
+
+    #endregion
+}

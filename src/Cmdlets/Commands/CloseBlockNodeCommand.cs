@@ -1,0 +1,36 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup;
+
+/// <summary>Close-BlockNode: flushes and closes a node; its non-persistent bitmaps end with it.</summary>
+[Cmdlet(VerbsCommon.Close, "BlockNode", SupportsShouldProcess = true)]
+[OutputType(typeof(void))]
+public sealed class CloseBlockNodeCommand : BitmapBackupCmdlet
+{
+    #region Parameters
+
+    /// <summary>The node to close: a name or a node object.</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
+    [BlockNodeTransformation]
+    [ArgumentCompleter(typeof(NodeNameCompleter))]
+    [ValidateNotNullOrEmpty]
+    public string Node { get; set; } = null!;
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessRecord()
+    {
+        if (ResolveNode(Node) is not BlockNode node)
+            return;
+        if (!ShouldProcess(node.Name, "Close block node"))
+            return;
+        var dropped = node.Bitmaps.Where(b => !b.Persistent).Select(b => $"'{b.Name}' ({b.Count} dirty bytes)").ToArray();
+        if (TryRun(() => Engine.Close(node)) && dropped.Length > 0)
+            WriteWarning($"Node '{node.Name}' closed; its bitmaps {string.Join(", ", dropped)} were not persistent and are gone.");
+    }
+
+    #endregion
+}

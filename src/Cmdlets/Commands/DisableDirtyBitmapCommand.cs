@@ -1,0 +1,28 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Bitmaps;
+
+namespace BitmapBackup;
+
+/// <summary>Disable-DirtyBitmap: stops recording writes in a bitmap, keeping its bits (QEMU's block-dirty-bitmap-disable).</summary>
+[Cmdlet(VerbsLifecycle.Disable, "DirtyBitmap", SupportsShouldProcess = true)]
+[OutputType(typeof(DirtyBitmapInfo))]
+public sealed class DisableDirtyBitmapCommand : DirtyBitmapCommandBase
+{
+    #region Parameters
+
+    /// <summary>Write the bitmap after the change.</summary>
+    [Parameter]
+    public SwitchParameter PassThru { get; set; }
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessBitmap(DirtyBitmap bitmap)
+    {
+        if (ShouldProcess(bitmap.ToString(), "Disable dirty bitmap") && TryRun(() => bitmap.Disable()) && PassThru)
+            WriteObject(new DirtyBitmapInfo(bitmap));
+    }
+
+    #endregion
+}

@@ -1,0 +1,28 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Bitmaps;
+
+namespace BitmapBackup;
+
+/// <summary>Enable-DirtyBitmap: starts recording writes in a bitmap (QEMU's block-dirty-bitmap-enable).</summary>
+[Cmdlet(VerbsLifecycle.Enable, "DirtyBitmap", SupportsShouldProcess = true)]
+[OutputType(typeof(DirtyBitmapInfo))]
+public sealed class EnableDirtyBitmapCommand : DirtyBitmapCommandBase
+{
+    #region Parameters
+
+    /// <summary>Write the bitmap after the change.</summary>
+    [Parameter]
+    public SwitchParameter PassThru { get; set; }
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessBitmap(DirtyBitmap bitmap)
+    {
+        if (ShouldProcess(bitmap.ToString(), "Enable dirty bitmap") && TryRun(() => bitmap.Enable()) && PassThru)
+            WriteObject(new DirtyBitmapInfo(bitmap));
+    }
+
+    #endregion
+}

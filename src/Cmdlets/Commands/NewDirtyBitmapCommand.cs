@@ -1,0 +1,55 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup;
+
+/// <summary>New-DirtyBitmap: adds a dirty bitmap to a node (QEMU's block-dirty-bitmap-add).</summary>
+[Cmdlet(VerbsCommon.New, "DirtyBitmap", SupportsShouldProcess = true)]
+[OutputType(typeof(DirtyBitmapInfo))]
+public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
+{
+    #region Parameters
+
+    /// <summary>The node whose writes the bitmap records: a name or a node object.</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
+    [BlockNodeTransformation]
+    [ArgumentCompleter(typeof(NodeNameCompleter))]
+    [ValidateNotNullOrEmpty]
+    public string Node { get; set; } = null!;
+
+    /// <summary>Name of the new bitmap: unique on the node, 1 to 1023 bytes of UTF-8.</summary>
+    [Parameter(Mandatory = true, Position = 1)]
+    [ValidateNotNull]
+    public string Name { get; set; } = null!;
+
+    /// <summary>Bytes per bit: a power of two from 512 bytes to 2 GiB. Default: the node's cluster size clamped to 4-64 KiB (64 KiB for raw).</summary>
+    [Parameter]
+    public long Granularity { get; set; }
+
+    /// <summary>Store the bitmap in the image so it survives closing the node.</summary>
+    [Parameter]
+    public SwitchParameter Persistent { get; set; }
+
+    /// <summary>Create the bitmap without recording writes until Enable-DirtyBitmap.</summary>
+    [Parameter]
+    public SwitchParameter Disabled { get; set; }
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessRecord()
+    {
+        if (ResolveNode(Node) is not BlockNode node)
+            return;
+        if (!ShouldProcess($"{node.Name}/{Name}", "Add dirty bitmap"))
+            return;
+        long? granularity = MyInvocation.BoundParameters.ContainsKey(nameof(Granularity)) ? Granularity : null;
+        DirtyBitmap? bitmap = null;
+        if (TryRun(() => bitmap = node.AddBitmap(Name, granularity, Persistent, Disabled)))
+            WriteObject(new DirtyBitmapInfo(bitmap!));
+    }
+
+    #endregion
+}

@@ -1,0 +1,35 @@
+namespace BitmapBackup.Core.Errors;
+
+/// <summary>Stable error identifiers, one per cause. Scripts and tests match on these; never rename one.</summary>
+public static class ErrorIds
+{
+    // Nodes and images
+    public const string NodeNotFound = "NodeNotFound";
+    public const string NodeNameInUse = "NodeNameInUse";
+    public const string NodeNameInvalid = "NodeNameInvalid";
+    public const string NodeReadOnly = "NodeReadOnly";
+    public const string NodeBusy = "NodeBusy";
+    public const string NodeClosed = "NodeClosed";
+    public const string ImageNotFound = "ImageNotFound";
+    public const string ImageAlreadyExists = "ImageAlreadyExists";
+    public const string ImageInUse = "ImageInUse";
+    public const string ImageIOFailed = "ImageIOFailed";
+    public const string InvalidImageSize = "InvalidImageSize";
+    public const string ShrinkWouldDiscardData = "ShrinkWouldDiscardData";
+    public const string OffsetOutOfRange = "OffsetOutOfRange";
+    public const string InvalidLength = "InvalidLength";
+    public const string UnsupportedFormat = "UnsupportedFormat";
+
+    // Dirty bitmaps
+    public const string BitmapNotFound = "BitmapNotFound";
+    public const string BitmapAlreadyExists = "BitmapAlreadyExists";
+    public const string BitmapNameEmpty = "BitmapNameEmpty";
+    public const string BitmapNameTooLong = "BitmapNameTooLong";
+    public const string InvalidGranularity = "InvalidGranularity";
+    public const string BitmapBusy = "BitmapBusy";
+    public const string BitmapInconsistent = "BitmapInconsistent";
+    public const string BitmapReadOnly = "BitmapReadOnly";
+    public const string BitmapSizeMismatch = "BitmapSizeMismatch";
+    public const string MergeSourceMissing = "MergeSourceMissing";
+    public const string PersistenceNotSupported = "PersistenceNotSupported";
+}

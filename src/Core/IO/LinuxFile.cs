@@ -1,0 +1,83 @@
+using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
+
+namespace BitmapBackup.Core.IO;
+
+/// <summary>
+/// The few Linux file calls .NET does not expose: hole-aware seeking (SEEK_DATA/SEEK_HOLE) for allocation
+/// maps and hole punching for write-zeroes. Every call degrades to "not supported" (false) off Linux or on
+/// file systems without the feature, and callers then fall back to plain I/O.
+/// </summary>
+internal static partial class LinuxFile
+{
+    private const int SeekData = 3;
+    private const int SeekHole = 4;
+    private const int FallocKeepSize = 0x01;
+    private const int FallocPunchHole = 0x02;
+    private const int ENXIO = 6;
+
+    [LibraryImport("libc", EntryPoint = "lseek", SetLastError = true)]
+    private static partial long LSeek(int fd, long offset, int whence);
+
+    [LibraryImport("libc", EntryPoint = "fallocate", SetLastError = true)]
+    private static partial int FAllocate(int fd, int mode, long offset, long length);
+
+    private static bool Available => OperatingSystem.IsLinux();
+
+    /// <summary>
+    /// Next data and hole offsets at or after <paramref name="offset"/>. Returns false when unsupported.
+    /// <paramref name="dataStart"/> is the file size when there is no more data.
+    /// </summary>
+    public static bool TryFindData(SafeFileHandle handle, long offset, long fileSize, out long dataStart, out long dataEnd)
+    {
+        dataStart = dataEnd = fileSize;
+        if (!Available)
+            return false;
+        bool added = false;
+        try
+        {
+            handle.DangerousAddRef(ref added);
+            int fd = (int)handle.DangerousGetHandle();
+            long data = LSeek(fd, offset, SeekData);
+            if (data < 0)
+                return Marshal.GetLastPInvokeError() == ENXIO; // ENXIO: no data past offset
+            long hole = LSeek(fd, data, SeekHole);
+            if (hole < 0)
+                return false;
+            dataStart = Math.Min(data, fileSize);
+            dataEnd = Math.Min(hole, fileSize);
+            return true;
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return false;
+        }
+        finally
+        {
+            if (added)
+                handle.DangerousRelease();
+        }
+    }
+
+    /// <summary>Deallocate a range, keeping the file size. Returns false when unsupported.</summary>
+    public static bool TryPunchHole(SafeFileHandle handle, long offset, long length)
+    {
+        if (!Available || length <= 0)
+            return false;
+        bool added = false;
+        try
+        {
+            handle.DangerousAddRef(ref added);
+            return FAllocate((int)handle.DangerousGetHandle(), FallocPunchHole | FallocKeepSize, offset, length) == 0;
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return false;
+        }
+        finally
+        {
+            if (added)
+                handle.DangerousRelease();
+        }
+    }
+}

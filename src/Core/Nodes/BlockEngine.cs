@@ -1,0 +1,157 @@
+using System.Text;
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Formats.Raw;
+
+namespace BitmapBackup.Core.Nodes;
+
+/// <summary>
+/// The registry of open block nodes, by node name. The module uses one engine for the whole process
+/// (<see cref="Default"/>); tests make their own.
+/// </summary>
+public sealed class BlockEngine
+{
+    /// <summary>Longest node name (QEMU keeps node names in a 32-byte field).</summary>
+    public const int MaxNodeNameLength = 31;
+
+    private readonly object _sync = new();
+    private readonly Dictionary<string, BlockNode> _nodes = new(StringComparer.Ordinal);
+
+    public static BlockEngine Default { get; } = new();
+
+    /// <summary>Open nodes, ordered by name.</summary>
+    public IReadOnlyList<BlockNode> Nodes
+    {
+        get
+        {
+            lock (_sync)
+                return _nodes.Values.OrderBy(n => n.Name, StringComparer.Ordinal).ToArray();
+        }
+    }
+
+    /// <summary>Create a new image file. Only raw images so far.</summary>
+    public static void CreateImage(string path, long size, ImageFormat format = ImageFormat.Raw)
+    {
+        CheckImageSize(size, path);
+        switch (format)
+        {
+            case ImageFormat.Raw:
+                RawImage.Create(path, size);
+                break;
+            default:
+                Throw.Block(ErrorIds.UnsupportedFormat, BlockErrorCategory.NotImplemented, $"Creating {format} images is not supported yet ('{path}').", path);
+                break;
+        }
+    }
+
+    /// <summary>Sizes are positive multiples of 512 bytes, as qemu-img rounds them.</summary>
+    public static void CheckImageSize(long size, string path)
+    {
+        if (size <= 0 || size % 512 != 0)
+            Throw.Block(ErrorIds.InvalidImageSize, BlockErrorCategory.InvalidArgument,
+                $"Size {size} for image '{path}' must be a positive multiple of 512 bytes.", path);
+    }
+
+    /// <summary>
+    /// Open an image as a node. Without <paramref name="name"/> the node is named after the file (made unique).
+    /// </summary>
+    public BlockNode Open(string path, string? name = null, bool readOnly = false)
+    {
+        string fullPath = System.IO.Path.GetFullPath(path);
+        if (name is not null)
+            CheckNodeName(name);
+        lock (_sync)
+        {
+            if (_nodes.Values.FirstOrDefault(n => n.Path == fullPath) is { } open)
+                Throw.Block(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
+                    $"Image '{fullPath}' is already open as node '{open.Name}'.", fullPath);
+            if (name is not null && _nodes.ContainsKey(name))
+                Throw.Block(ErrorIds.NodeNameInUse, BlockErrorCategory.ResourceExists, $"Node name '{name}' is already in use.", name);
+            name ??= UniqueName(DefaultName(fullPath));
+            IBlockImage image = RawImage.Open(fullPath, readOnly);
+            var node = new BlockNode(name, image);
+            _nodes.Add(name, node);
+            return node;
+        }
+    }
+
+    public BlockNode? Find(string name)
+    {
+        lock (_sync)
+            return _nodes.GetValueOrDefault(name);
+    }
+
+    public BlockNode Get(string name)
+        => Find(name) ?? throw new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{name}' not found.", name);
+
+    /// <summary>Flush and close a node and forget its (non-persistent) bitmaps. Refused while a backup uses it.</summary>
+    public void Close(BlockNode node)
+    {
+        lock (_sync)
+        {
+            if (!_nodes.TryGetValue(node.Name, out BlockNode? known) || known != node)
+                Throw.Block(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{node.Name}' not found.", node.Name);
+            node.Close();
+            _nodes.Remove(node.Name);
+        }
+    }
+
+    /// <summary>Close every node (process exit, module unload); errors are collected, not thrown one by one.</summary>
+    public IReadOnlyList<Exception> CloseAll()
+    {
+        var errors = new List<Exception>();
+        foreach (BlockNode node in Nodes)
+        {
+            try
+            {
+                Close(node);
+            }
+            catch (Exception e)
+            {
+                errors.Add(e);
+            }
+        }
+        return errors;
+    }
+
+    /// <summary>QEMU's rule for node names: a letter, then letters, digits, '-', '.' or '_'; at most 31 characters.</summary>
+    public static void CheckNodeName(string name)
+    {
+        if (!IsValidNodeName(name))
+            Throw.Block(ErrorIds.NodeNameInvalid, BlockErrorCategory.InvalidArgument,
+                $"Node name '{name}' is invalid: it must start with a letter, contain only letters, digits, '-', '.' and '_', and be at most {MaxNodeNameLength} characters long.", name);
+    }
+
+    public static bool IsValidNodeName(string? name)
+    {
+        if (string.IsNullOrEmpty(name) || name.Length > MaxNodeNameLength || !char.IsAsciiLetter(name[0]))
+            return false;
+        foreach (char c in name)
+        {
+            if (!char.IsAsciiLetterOrDigit(c) && c is not ('-' or '.' or '_'))
+                return false;
+        }
+        return true;
+    }
+
+    private static string DefaultName(string fullPath)
+    {
+        var sb = new StringBuilder();
+        foreach (char c in System.IO.Path.GetFileNameWithoutExtension(fullPath))
+            sb.Append(char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_' ? c : '_');
+        if (sb.Length == 0 || !char.IsAsciiLetter(sb[0]))
+            sb.Insert(0, "node");
+        return sb.ToString(0, Math.Min(sb.Length, MaxNodeNameLength - 4));
+    }
+
+    private string UniqueName(string stem)
+    {
+        if (!_nodes.ContainsKey(stem))
+            return stem;
+        for (int i = 2; ; i++)
+        {
+            string candidate = $"{stem}-{i}";
+            if (!_nodes.ContainsKey(candidate))
+                return candidate;
+        }
+    }
+}

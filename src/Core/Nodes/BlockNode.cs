@@ -1,0 +1,333 @@
+using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Errors;
+
+namespace BitmapBackup.Core.Nodes;
+
+/// <summary>
+/// An opened image registered under a node name: checked I/O over a format driver plus the node's dirty
+/// bitmaps. Every write marks each recording bitmap before it returns.
+///
+/// Two locks, each with one job:
+/// - the write gate (a reader-writer lock): every write holds it shared from the data write until its bits are
+///   marked; <see cref="Quiesce"/> holds it exclusively, so a point in time (a backup start, a transaction
+///   commit) falls wholly before or wholly after each write, never between its data and its bits;
+/// - <see cref="Sync"/>: guards the bitmaps' state and bits; held only for short, non-blocking sections.
+/// </summary>
+public sealed class BlockNode : IDisposable
+{
+    private readonly ReaderWriterLockSlim _gate = new(LockRecursionPolicy.SupportsRecursion);
+    private readonly List<DirtyBitmap> _bitmaps = new(); // named and anonymous, in creation order
+    private DirtyBitmap[] _recording = [];
+    private bool _closed;
+
+    internal BlockNode(string name, IBlockImage image)
+    {
+        Name = name;
+        Image = image;
+    }
+
+    public string Name { get; }
+
+    public IBlockImage Image { get; }
+
+    public string Path => Image.Path;
+
+    public ImageFormat Format => Image.Format;
+
+    public long Size => Image.Size;
+
+    public int ClusterSize => Image.ClusterSize;
+
+    public bool ReadOnly => Image.ReadOnly;
+
+    public bool IsClosed => Volatile.Read(ref _closed);
+
+    /// <summary>Guards bitmap state; see the type's remarks.</summary>
+    public object Sync { get; } = new();
+
+    /// <summary>The named bitmaps, in creation order.</summary>
+    public IReadOnlyList<DirtyBitmap> Bitmaps
+    {
+        get
+        {
+            lock (Sync)
+                return _bitmaps.Where(b => b.Name is not null).ToArray();
+        }
+    }
+
+    #region I/O
+
+    public void Read(long offset, Span<byte> buffer)
+    {
+        CheckOpen();
+        CheckRange(offset, buffer.Length);
+        Image.Read(offset, buffer);
+    }
+
+    public void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        if (data.Length == 0)
+            return;
+        _gate.EnterReadLock();
+        try
+        {
+            Image.Write(offset, data);
+            MarkDirty(offset, data.Length);
+        }
+        finally
+        {
+            _gate.ExitReadLock();
+        }
+    }
+
+    public void WriteZeroes(long offset, long length)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        if (length == 0)
+            return;
+        _gate.EnterReadLock();
+        try
+        {
+            Image.WriteZeroes(offset, length);
+            MarkDirty(offset, length);
+        }
+        finally
+        {
+            _gate.ExitReadLock();
+        }
+    }
+
+    public void Flush()
+    {
+        CheckOpen();
+        if (!ReadOnly)
+            Image.Flush();
+    }
+
+    /// <summary>Allocation of [offset, offset+length), or of the whole node when length is omitted.</summary>
+    public IReadOnlyList<AllocationExtent> GetAllocation(long offset = 0, long? length = null)
+    {
+        CheckOpen();
+        long len = length ?? Size - offset;
+        CheckRange(offset, len);
+        return len == 0 ? [] : Merge(Image.GetAllocation(offset, len)).ToArray();
+    }
+
+    private static IEnumerable<AllocationExtent> Merge(IEnumerable<AllocationExtent> extents)
+    {
+        AllocationExtent? pending = null;
+        foreach (AllocationExtent e in extents)
+        {
+            if (e.Length == 0)
+                continue;
+            if (pending is { } p && p.State == e.State && p.End == e.Offset)
+                pending = p with { Length = p.Length + e.Length };
+            else
+            {
+                if (pending is { } done)
+                    yield return done;
+                pending = e;
+            }
+        }
+        if (pending is { } last)
+            yield return last;
+    }
+
+    /// <summary>
+    /// Grow or shrink the node; every bitmap follows. Refused while a bitmap is busy, and a shrink is refused
+    /// when the part cut off holds data.
+    /// </summary>
+    public void Resize(long newSize)
+    {
+        CheckWritable();
+        BlockEngine.CheckImageSize(newSize, Path);
+        using (Quiesce())
+        {
+            lock (Sync)
+            {
+                if (_bitmaps.FirstOrDefault(b => b.Busy) is { } busy)
+                    Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
+                        $"Node '{Name}' cannot be resized while bitmap '{busy.Name}' is in use by a backup.", Name);
+            }
+            long size = Size;
+            if (newSize < size && Image.GetAllocation(newSize, size - newSize).FirstOrDefault(e => e.State == AllocationState.Data) is { Length: > 0 } data)
+                Throw.Block(ErrorIds.ShrinkWouldDiscardData, BlockErrorCategory.InvalidOperation,
+                    $"Shrinking node '{Name}' to {newSize} bytes would discard data stored at offset {data.Offset}; write zeros there first if it is not needed.", Name);
+            Image.Resize(newSize);
+            lock (Sync)
+            {
+                foreach (DirtyBitmap b in _bitmaps)
+                    b.ResizeLocked(newSize);
+            }
+        }
+    }
+
+    #endregion
+
+    #region Bitmaps
+
+    /// <summary>Record a write in every recording bitmap (successors included).</summary>
+    internal void MarkDirty(long offset, long length)
+    {
+        lock (Sync)
+        {
+            foreach (DirtyBitmap b in _recording)
+                b.MarkLocked(offset, length);
+        }
+    }
+
+    /// <summary>
+    /// Hold off writes: until the returned handle is disposed no write is in flight and none starts. Used to
+    /// give a backup start or a transaction one instant.
+    /// </summary>
+    public IDisposable Quiesce()
+    {
+        _gate.EnterWriteLock();
+        return new GateRelease(_gate);
+    }
+
+    public DirtyBitmap AddBitmap(string name, long? granularity = null, bool persistent = false, bool disabled = false)
+    {
+        CheckOpen();
+        DirtyBitmapLimits.CheckName(name, Name);
+        long g = granularity ?? DirtyBitmapLimits.DefaultGranularity(ClusterSize);
+        DirtyBitmapLimits.CheckGranularity(g, Name, name);
+        if (persistent)
+            Throw.Block(ErrorIds.PersistenceNotSupported, BlockErrorCategory.NotImplemented,
+                $"Can't store persistent bitmap '{name}' in node '{Name}': {Format} images cannot store persistent bitmaps yet.", name);
+        lock (Sync)
+        {
+            if (FindLocked(name) is not null)
+                Throw.Block(ErrorIds.BitmapAlreadyExists, BlockErrorCategory.ResourceExists, $"Bitmap '{name}' already exists on node '{Name}'.", name);
+            var bitmap = new DirtyBitmap(this, name, g, disabled, persistent);
+            AttachLocked(bitmap);
+            return bitmap;
+        }
+    }
+
+    public DirtyBitmap? FindBitmap(string name)
+    {
+        lock (Sync)
+            return FindLocked(name);
+    }
+
+    public DirtyBitmap GetBitmap(string name)
+        => FindBitmap(name) ?? throw new BlockException(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound,
+            $"Dirty bitmap '{name}' not found on node '{Name}'.", name);
+
+    /// <summary>Remove a bitmap. Refused while busy or read-only; allowed when inconsistent.</summary>
+    public void RemoveBitmap(DirtyBitmap bitmap)
+    {
+        lock (Sync)
+        {
+            if (bitmap.Node != this || !_bitmaps.Contains(bitmap))
+                Throw.Block(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound, $"Dirty bitmap '{bitmap.Name}' not found on node '{Name}'.", bitmap.Name);
+            bitmap.Check(BitmapUse.Remove);
+            DetachLocked(bitmap);
+        }
+    }
+
+    /// <summary>Put back a bitmap removed by <see cref="RemoveBitmap"/> (transaction rollback).</summary>
+    public void RestoreBitmap(DirtyBitmap bitmap)
+    {
+        lock (Sync)
+        {
+            if (bitmap.Node != this || FindLocked(bitmap.Name!) is not null)
+                throw new InvalidOperationException($"Bitmap '{bitmap.Name}' cannot be restored on node '{Name}'.");
+            if (bitmap.Length != DirtyBitmap.BitsFor(Size, bitmap.Granularity))
+                bitmap.ResizeLocked(Size);
+            AttachLocked(bitmap);
+        }
+    }
+
+    private DirtyBitmap? FindLocked(string name)
+    {
+        foreach (DirtyBitmap b in _bitmaps)
+        {
+            if (b.Name is not null && string.Equals(b.Name, name, StringComparison.Ordinal))
+                return b;
+        }
+        return null;
+    }
+
+    internal void AttachLocked(DirtyBitmap bitmap)
+    {
+        _bitmaps.Add(bitmap);
+        RecordingChanged();
+    }
+
+    internal void DetachLocked(DirtyBitmap bitmap)
+    {
+        _bitmaps.Remove(bitmap);
+        RecordingChanged();
+    }
+
+    /// <summary>Rebuild the array the write path walks. Caller holds <see cref="Sync"/>.</summary>
+    internal void RecordingChanged() => _recording = _bitmaps.Where(b => b.IsRecordingItself).ToArray();
+
+    #endregion
+
+    #region Checks
+
+    private void CheckOpen()
+    {
+        if (IsClosed)
+            Throw.Block(ErrorIds.NodeClosed, BlockErrorCategory.InvalidOperation, $"Node '{Name}' is closed.", Name);
+    }
+
+    private void CheckWritable()
+    {
+        CheckOpen();
+        if (ReadOnly)
+            Throw.ReadOnly(Name);
+    }
+
+    /// <summary>Throw OffsetOutOfRange or InvalidLength unless [offset, offset+length) lies within the node.</summary>
+    public void CheckRange(long offset, long length)
+    {
+        if (length < 0)
+            Throw.Block(ErrorIds.InvalidLength, BlockErrorCategory.InvalidArgument, $"Length {length} for node '{Name}' is negative.", Name);
+        long size = Size;
+        if (offset < 0 || offset > size || length > size - offset)
+            Throw.OffsetOutOfRange(Name, offset, length, size);
+    }
+
+    #endregion
+
+    internal void Close()
+    {
+        using (Quiesce())
+        {
+            if (_closed)
+                return;
+            lock (Sync)
+            {
+                if (_bitmaps.FirstOrDefault(b => b.Busy) is { } busy)
+                    Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
+                        $"Node '{Name}' cannot be closed while bitmap '{busy.Name}' is in use by a backup.", Name);
+            }
+            if (!ReadOnly)
+                Image.Flush();
+            Volatile.Write(ref _closed, true);
+            Image.Dispose();
+        }
+    }
+
+    public void Dispose() => Close();
+
+    public override string ToString() => Name;
+
+    private sealed class GateRelease(ReaderWriterLockSlim gate) : IDisposable
+    {
+        private int _released;
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _released, 1) == 0)
+                gate.ExitWriteLock();
+        }
+    }
+}
