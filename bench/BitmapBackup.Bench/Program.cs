@@ -1,0 +1,22 @@
+using BitmapBackup.Bench;
+
+// Usage: BitmapBackup.Bench [suite ...]   (no arguments: every suite). Build with -c Release.
+var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIgnoreCase)
+{
+    ["bitmap"] = BitmapBench.Run,
+};
+
+string[] selected = args.Length == 0 ? [.. suites.Keys] : args;
+string[] unknown = [.. selected.Where(name => !suites.ContainsKey(name))];
+if (unknown.Length > 0)
+{
+    Console.Error.WriteLine($"Unknown suite(s): {string.Join(", ", unknown)}. Known: {string.Join(", ", suites.Keys)}.");
+    return 2;
+}
+
+foreach (string name in selected)
+{
+    suites[name](Console.Out);
+}
+
+return 0;
