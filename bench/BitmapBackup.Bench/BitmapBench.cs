@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Reflection;
 using System.Runtime.InteropServices;
 using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Nodes;
 
 namespace BitmapBackup.Bench;
 
@@ -44,6 +45,11 @@ public static class BitmapBench
         Timing setSequential = Measure(() => map.ResetAll(), () => TrackWrites(map, sequentialOffsets, WriteBytes));
         Report(output, "Set, one 4 KiB write, sequential", setSequential.Scale(1e6 / Operations), "ns/write", null, "(no goal; cache-hot)");
 
+        // -- The whole tracking step of a node write (BlockNode.MarkDirty: node lock, walk of the recording
+        // bitmaps, byte range -> bits, Set) on a sparse 1 TiB raw node with one and with three bitmaps.
+        TrackThroughNode(output, writeOffsets, bitmaps: 1);
+        TrackThroughNode(output, writeOffsets, bitmaps: 3);
+
         // -- Set for a 1 MiB range at a random 1 MiB-aligned offset (16 bits).
         long[] rangeOffsets = RandomOffsets(random, Operations, RangeBytes);
         Timing set1m = Measure(() => map.ResetAll(), () => TrackWrites(map, rangeOffsets, RangeBytes));
@@ -82,6 +88,32 @@ public static class BitmapBench
     }
 
     // ---- Bodies. ----
+
+    private static void TrackThroughNode(TextWriter output, long[] offsets, int bitmaps)
+    {
+        string dir = Path.Combine(Path.GetTempPath(), "bb-bench-" + Environment.ProcessId);
+        Directory.CreateDirectory(dir);
+        string image = Path.Combine(dir, "1tib.img");
+        try
+        {
+            BlockEngine.CreateImage(image, 1L << 40); // sparse: no data is written
+            var engine = new BlockEngine();
+            BlockNode node = engine.Open(image, "bench");
+            var tracked = Enumerable.Range(0, bitmaps).Select(i => node.AddBitmap($"b{i}")).ToArray();
+            Timing timing = Measure(() => { foreach (var b in tracked) b.ResetRange(0, node.Size); }, () =>
+            {
+                foreach (long offset in offsets)
+                    node.MarkDirty(offset, WriteBytes);
+            });
+            Report(output, $"Tracked 4 KiB node write, {bitmaps} bitmap(s)", timing.Scale(1e6 / offsets.Length), "ns/write",
+                bitmaps == 1 ? 50 : null, bitmaps == 1 ? "<= 50 ns per tracked write" : "(no goal)");
+            engine.CloseAll();
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 
     private static void TrackWrites(HierarchicalBitmap map, long[] offsets, long length)
     {

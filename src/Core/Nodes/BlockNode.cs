@@ -43,7 +43,7 @@ public sealed class BlockNode : IDisposable
     public bool IsClosed => Volatile.Read(ref _closed);
 
     /// <summary>Guards bitmap state; see the type's remarks.</summary>
-    public object Sync { get; } = new();
+    public Lock Sync { get; } = new();
 
     /// <summary>The named bitmaps, in creation order.</summary>
     public IReadOnlyList<DirtyBitmap> Bitmaps

@@ -1,0 +1,219 @@
+BeforeAll {
+    Import-Module (Join-Path $PSScriptRoot 'TestHelpers.psm1') -Force
+    Import-BitmapBackupModule
+}
+
+Describe 'BitmapBackup module manifest' {
+    AfterEach { Close-TestNode }
+
+    It 'is a valid manifest naming the binary root module' {
+        $info = Test-ModuleManifest -Path (Get-BitmapBackupModulePath) -ErrorAction Stop
+        $info.Name | Should -Be 'BitmapBackup'
+        $info.RootModule | Should -Be 'BitmapBackup.Cmdlets.dll'
+    }
+
+    It 'exports exactly the 15 cmdlets, and no function, alias or variable' {
+        $expected = Get-BitmapBackupCommandName | Sort-Object
+        $module = Get-Module -Name BitmapBackup
+        @($module.ExportedCmdlets.Keys | Sort-Object) | Should -Be $expected
+        @(Get-Command -Module BitmapBackup | Sort-Object Name | ForEach-Object Name) | Should -Be $expected
+        @(Get-Command -Module BitmapBackup | Where-Object CommandType -NE 'Cmdlet').Count | Should -Be 0
+        $module.ExportedFunctions.Count | Should -Be 0
+        $module.ExportedAliases.Count | Should -Be 0
+        $module.ExportedVariables.Count | Should -Be 0
+    }
+
+    It 'the manifest lists the same cmdlets as the module exports' {
+        $info = Test-ModuleManifest -Path (Get-BitmapBackupModulePath) -ErrorAction Stop
+        @($info.ExportedCmdlets.Keys | Sort-Object) | Should -Be (Get-BitmapBackupCommandName | Sort-Object)
+    }
+
+    It '<Command> supports -WhatIf and -Confirm' -ForEach @(
+        @{ Command = 'New-BlockImage' }, @{ Command = 'Close-BlockNode' }, @{ Command = 'Resize-BlockNode' },
+        @{ Command = 'Write-BlockNode' }, @{ Command = 'New-DirtyBitmap' }, @{ Command = 'Enable-DirtyBitmap' },
+        @{ Command = 'Disable-DirtyBitmap' }, @{ Command = 'Clear-DirtyBitmap' }, @{ Command = 'Remove-DirtyBitmap' },
+        @{ Command = 'Merge-DirtyBitmap' }
+    ) {
+        $parameters = (Get-Command $Command).Parameters
+        $parameters.ContainsKey('WhatIf') | Should -BeTrue
+        $parameters.ContainsKey('Confirm') | Should -BeTrue
+    }
+
+    It '<Command> changes nothing and has no -WhatIf' -ForEach @(
+        @{ Command = 'Open-BlockNode' }, @{ Command = 'Get-BlockNode' }, @{ Command = 'Read-BlockNode' },
+        @{ Command = 'Get-DirtyBitmap' }, @{ Command = 'Get-DirtyBitmapRange' }
+    ) {
+        (Get-Command $Command).Parameters.ContainsKey('WhatIf') | Should -BeFalse
+    }
+}
+
+Describe 'Format views' {
+    AfterEach { Close-TestNode }
+
+    It 'has a table view for <TypeName>' -ForEach @(
+        @{ TypeName = 'BitmapBackup.DirtyBitmapInfo' }, @{ TypeName = 'BitmapBackup.BlockNodeInfo' },
+        @{ TypeName = 'BitmapBackup.DirtyRange' }, @{ TypeName = 'BitmapBackup.BlockImageInfo' }
+    ) {
+        $data = Get-FormatData -TypeName $TypeName
+        $data | Should -Not -BeNullOrEmpty
+        $data.FormatViewDefinition[0].Control | Should -BeOfType [System.Management.Automation.TableControl]
+    }
+
+    It 'formats a bitmap with the DirtyBitmapInfo table' {
+        $node = New-TestNode
+        $text = New-DirtyBitmap -Node $node.Name -Name fmtbm | Out-String -Width 200
+        $text | Should -Match 'Granularity\s+Count\s+Recording\s+Busy\s+Persistent\s+Inconsistent'
+        $text | Should -Match ([regex]::Escape($node.Name) + '\s+fmtbm\s+65536\s+0\s+True\s+False\s+False\s+False')
+    }
+
+    It 'formats a node with the BlockNodeInfo table, bitmaps joined' {
+        $node = New-TestNode
+        $null = New-DirtyBitmap -Node $node.Name -Name b1
+        $null = New-DirtyBitmap -Node $node.Name -Name b2
+        $text = Get-BlockNode -Name $node.Name | Out-String -Width 300
+        $text | Should -Match 'Name\s+Format\s+Size\s+Cluster\s+RO\s+Bitmaps\s+Path'
+        $text | Should -Match ([regex]::Escape($node.Name) + '\s+Raw\s+1048576\s+False\s+b1, b2')
+    }
+
+    It 'formats dirty ranges with the DirtyRange table' {
+        $node = New-TestNode
+        $null = New-DirtyBitmap -Node $node.Name -Name b
+        Write-BlockNode -Node $node.Name -Offset 0 -Pattern 1 -Length 1 -Confirm:$false
+        $text = Get-DirtyBitmapRange -Node $node.Name -Name b | Out-String -Width 200
+        $text | Should -Match 'Node\s+Bitmap\s+Offset\s+Length'
+        $text | Should -Match ([regex]::Escape($node.Name) + '\s+b\s+0\s+65536')
+    }
+}
+
+Describe 'Tab completion' {
+    AfterEach { Close-TestNode }
+
+    BeforeAll {
+        function Get-Completion([string] $InputScript) {
+            $result = TabExpansion2 -inputScript $InputScript -cursorColumn $InputScript.Length
+            return [string[]]@($result.CompletionMatches | ForEach-Object CompletionText)
+        }
+    }
+
+    It 'completes open node names for -Node and -Name parameters (<Command>)' -ForEach @(
+        @{ Command = 'Get-BlockNode -Name ' }, @{ Command = 'Close-BlockNode -Node ' }, @{ Command = 'Resize-BlockNode -Node ' },
+        @{ Command = 'Write-BlockNode -Node ' }, @{ Command = 'Read-BlockNode -Node ' }, @{ Command = 'New-DirtyBitmap -Node ' },
+        @{ Command = 'Get-DirtyBitmap -Node ' }, @{ Command = 'Enable-DirtyBitmap -Node ' }, @{ Command = 'Merge-DirtyBitmap -Node ' },
+        @{ Command = 'Get-DirtyBitmapRange -Node ' }
+    ) {
+        $prefix = New-TestName 'tab'
+        $a = New-TestNode -Name "${prefix}alpha"
+        $b = New-TestNode -Name "${prefix}beta"
+        $other = New-TestNode
+        $matches1 = Get-Completion ($Command + $prefix)
+        $matches1 | Should -Be @($a.Name, $b.Name)
+        Get-Completion ($Command + "${prefix}b") | Should -Be @($b.Name)
+        $matches1 | Should -Not -Contain $other.Name
+    }
+
+    It 'completes node names for the first positional argument of Close-BlockNode' {
+        $node = New-TestNode
+        Get-Completion ('Close-BlockNode ' + $node.Name.Substring(0, 8)) | Should -Be @($node.Name)
+    }
+
+    It 'completes bitmap names of the -Node given, not those of other nodes' {
+        $n1 = New-TestNode
+        $n2 = New-TestNode
+        $null = New-DirtyBitmap -Node $n1.Name -Name daily
+        $null = New-DirtyBitmap -Node $n1.Name -Name weekly
+        $null = New-DirtyBitmap -Node $n2.Name -Name dangling
+        Get-Completion "Enable-DirtyBitmap -Node $($n1.Name) -Name " | Should -Be @('daily', 'weekly')
+        Get-Completion "Enable-DirtyBitmap -Node $($n1.Name) -Name d" | Should -Be @('daily')
+        Get-Completion "Get-DirtyBitmapRange -Node $($n2.Name) -Name d" | Should -Be @('dangling')
+        Get-Completion "Merge-DirtyBitmap -Node $($n1.Name) -Name daily -Source w" | Should -Be @('weekly')
+    }
+
+    It 'completes bitmap names of every node (once each) when no -Node is given' {
+        $prefix = New-TestName 'bm'
+        $n1 = New-TestNode
+        $n2 = New-TestNode
+        $null = New-DirtyBitmap -Node $n1.Name -Name "${prefix}x"
+        $null = New-DirtyBitmap -Node $n2.Name -Name "${prefix}x"
+        $null = New-DirtyBitmap -Node $n2.Name -Name "${prefix}y"
+        Get-Completion "Get-DirtyBitmap -Name $prefix" | Should -Be @("${prefix}x", "${prefix}y")
+    }
+
+    It 'quotes a completed bitmap name with a space' {
+        $node = New-TestNode
+        $null = New-DirtyBitmap -Node $node.Name -Name 'my bitmap'
+        Get-Completion "Clear-DirtyBitmap -Node $($node.Name) -Name my" | Should -Be @("'my bitmap'")
+    }
+}
+
+Describe '-WhatIf changes nothing' {
+    AfterEach { Close-TestNode }
+
+    BeforeEach {
+        $node = New-TestNode
+        $null = New-DirtyBitmap -Node $node.Name -Name on
+        $null = New-DirtyBitmap -Node $node.Name -Name off -Disabled
+        $null = New-DirtyBitmap -Node $node.Name -Name src -Granularity 512
+        Write-BlockNode -Node $node.Name -Offset 0 -Pattern 0x11 -Length 100 -Confirm:$false
+        Write-BlockNode -Node $node.Name -Offset 300000 -Pattern 0x22 -Length 10 -Confirm:$false
+    }
+
+    It 'New-BlockImage -WhatIf creates no file' {
+        $path = Join-Path (Get-TestDirectory) ((New-TestName) + '.img')
+        New-BlockImage -Path $path -Size 1MB -WhatIf | Should -BeNullOrEmpty
+        Test-Path $path | Should -BeFalse
+    }
+
+    It 'Close-BlockNode -WhatIf leaves the node open' {
+        Close-BlockNode -Node $node.Name -WhatIf
+        (Get-BlockNode -Name $node.Name).Name | Should -Be $node.Name
+    }
+
+    It 'Resize-BlockNode -WhatIf keeps the size' {
+        Resize-BlockNode -Node $node.Name -Size 2MB -PassThru -WhatIf | Should -BeNullOrEmpty
+        (Get-BlockNode -Name $node.Name).Size | Should -Be 1MB
+        (Get-Item $node.Path).Length | Should -Be 1MB
+    }
+
+    It 'Write-BlockNode -WhatIf writes nothing and marks nothing (<Set>)' -ForEach @(
+        @{ Set = 'Data'; Arguments = @{ Data = [byte[]](1, 2, 3) } },
+        @{ Set = 'Pattern'; Arguments = @{ Pattern = 0x7F; Length = 4096 } },
+        @{ Set = 'Zero'; Arguments = @{ Zero = $true; Length = 100 } }
+    ) {
+        Write-BlockNode -Node $node.Name -Offset 500000 @Arguments -WhatIf
+        Write-BlockNode -Node $node.Name -Offset 0 -Zero -Length 100 -WhatIf
+        Get-RangeText -Node $node.Name -Name on | Should -Be @('0+65536', '262144+65536')
+        (Read-BlockNode -Node $node.Name -Offset 500000 -Length 4096) | Where-Object { $_ -ne 0 } | Should -BeNullOrEmpty
+        (Read-BlockNode -Node $node.Name -Offset 0 -Length 100) | Where-Object { $_ -ne 0x11 } | Should -BeNullOrEmpty
+    }
+
+    It 'New-DirtyBitmap -WhatIf adds no bitmap' {
+        New-DirtyBitmap -Node $node.Name -Name ghost -WhatIf | Should -BeNullOrEmpty
+        Get-DirtyBitmap -Node $node.Name -Name ghost -ErrorAction SilentlyContinue | Should -BeNullOrEmpty
+    }
+
+    It 'Enable-DirtyBitmap -WhatIf leaves a disabled bitmap disabled' {
+        Enable-DirtyBitmap -Node $node.Name -Name off -PassThru -WhatIf | Should -BeNullOrEmpty
+        (Get-DirtyBitmap -Node $node.Name -Name off).Recording | Should -BeFalse
+    }
+
+    It 'Disable-DirtyBitmap -WhatIf leaves a recording bitmap recording' {
+        Disable-DirtyBitmap -Node $node.Name -Name on -PassThru -WhatIf | Should -BeNullOrEmpty
+        (Get-DirtyBitmap -Node $node.Name -Name on).Recording | Should -BeTrue
+    }
+
+    It 'Clear-DirtyBitmap -WhatIf keeps the bits' {
+        Clear-DirtyBitmap -Node $node.Name -Name on -PassThru -WhatIf | Should -BeNullOrEmpty
+        (Get-DirtyBitmap -Node $node.Name -Name on).Count | Should -Be (2 * 64KB)
+    }
+
+    It 'Remove-DirtyBitmap -WhatIf keeps the bitmap' {
+        Remove-DirtyBitmap -Node $node.Name -Name on -WhatIf
+        (Get-DirtyBitmap -Node $node.Name -Name on).Name | Should -Be 'on'
+        (Get-DirtyBitmap -Node $node.Name -Name src).Name | Should -Be 'src'
+    }
+
+    It 'Merge-DirtyBitmap -WhatIf keeps the target bits' {
+        Merge-DirtyBitmap -Node $node.Name -Name off -Source on -PassThru -WhatIf | Should -BeNullOrEmpty
+        (Get-DirtyBitmap -Node $node.Name -Name off).Count | Should -Be 0
+    }
+}
