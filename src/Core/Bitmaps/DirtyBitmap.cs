@@ -228,6 +228,18 @@ public sealed class DirtyBitmap
         }
     }
 
+    /// <summary>Add bits of another granularity without state checks (a backup giving back what it did not copy).</summary>
+    internal void MergeInternal(HierarchicalBitmap bits, long granularity)
+    {
+        lock (Node.Sync)
+        {
+            if (granularity == Granularity)
+                _bits.Merge(bits);
+            else
+                _bits.Merge(bits, granularity, Granularity);
+        }
+    }
+
     /// <summary>Record a write of [offset, offset+length). Caller holds the node's Sync lock.</summary>
     internal void MarkLocked(long offset, long length)
     {

@@ -32,4 +32,29 @@ public static class ErrorIds
     public const string BitmapSizeMismatch = "BitmapSizeMismatch";
     public const string MergeSourceMissing = "MergeSourceMissing";
     public const string PersistenceNotSupported = "PersistenceNotSupported";
+
+    // qcow2 images and backing chains
+    public const string ImageCorrupt = "ImageCorrupt";
+    public const string UnsupportedImageFeature = "UnsupportedImageFeature";
+    public const string BackingChainTooDeep = "BackingChainTooDeep";
+    public const string BackingChainLoop = "BackingChainLoop";
+    public const string BackingFileNotFound = "BackingFileNotFound";
+    public const string BackingFileNameTooLong = "BackingFileNameTooLong";
+    public const string InvalidClusterSize = "InvalidClusterSize";
+    public const string ImageTooLarge = "ImageTooLarge";
+
+    // Backups
+    public const string BitmapRequired = "BitmapRequired";
+    public const string BitmapModeInvalid = "BitmapModeInvalid";
+    public const string BitmapModeRequired = "BitmapModeRequired";
+    public const string BitmapModeWithoutBitmap = "BitmapModeWithoutBitmap";
+    public const string BitmapWithSyncNone = "BitmapWithSyncNone";
+    public const string BitmapModeNeverMeaningless = "BitmapModeNeverMeaningless";
+    public const string SourceIsTarget = "SourceIsTarget";
+    public const string TargetSizeMismatch = "TargetSizeMismatch";
+    public const string BackingFileRequired = "BackingFileRequired";
+    public const string InvalidSpeed = "InvalidSpeed";
+    public const string JobStateInvalid = "JobStateInvalid";
+    public const string BackupFailed = "BackupFailed";
+    public const string BackupCancelled = "BackupCancelled";
 }

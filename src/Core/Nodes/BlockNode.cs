@@ -18,6 +18,7 @@ public sealed class BlockNode : IDisposable
     private readonly ReaderWriterLockSlim _gate = new(LockRecursionPolicy.SupportsRecursion);
     private readonly List<DirtyBitmap> _bitmaps = new(); // named and anonymous, in creation order
     private DirtyBitmap[] _recording = [];
+    private IWriteInterceptor[] _interceptors = [];
     private bool _closed;
 
     internal BlockNode(string name, IBlockImage image)
@@ -61,6 +62,7 @@ public sealed class BlockNode : IDisposable
     {
         CheckOpen();
         CheckRange(offset, buffer.Length);
+        Testing.FaultInjection.Check(Path, Testing.FaultOperation.Read, offset, buffer.Length);
         Image.Read(offset, buffer);
     }
 
@@ -73,6 +75,7 @@ public sealed class BlockNode : IDisposable
         _gate.EnterReadLock();
         try
         {
+            BeforeWrite(offset, data.Length);
             Image.Write(offset, data);
             MarkDirty(offset, data.Length);
         }
@@ -91,6 +94,7 @@ public sealed class BlockNode : IDisposable
         _gate.EnterReadLock();
         try
         {
+            BeforeWrite(offset, length);
             Image.WriteZeroes(offset, length);
             MarkDirty(offset, length);
         }
@@ -98,6 +102,26 @@ public sealed class BlockNode : IDisposable
         {
             _gate.ExitReadLock();
         }
+    }
+
+    private void BeforeWrite(long offset, long length)
+    {
+        foreach (IWriteInterceptor interceptor in Volatile.Read(ref _interceptors))
+            interceptor.BeforeWrite(this, offset, length);
+    }
+
+    /// <summary>Install a copy-before-write hook. Call under <see cref="Quiesce"/> to give it a point in time.</summary>
+    public void AddWriteInterceptor(IWriteInterceptor interceptor)
+    {
+        lock (Sync)
+            _interceptors = [.. _interceptors, interceptor];
+    }
+
+    /// <summary>Remove a hook. Under <see cref="Quiesce"/> no call into it is still running afterwards.</summary>
+    public void RemoveWriteInterceptor(IWriteInterceptor interceptor)
+    {
+        lock (Sync)
+            _interceptors = _interceptors.Where(i => i != interceptor).ToArray();
     }
 
     public void Flush()

@@ -1,0 +1,451 @@
+using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup.Core.Jobs;
+
+/*
+ * A backup job, after QEMU's block/backup.c.
+ *
+ * Life: Prepare (checks, target created) → Freeze (under the source's write gate: the bitmap gets its
+ * successor, the copy bitmap is initialised, copy-before-write is installed: this instant is the backup's
+ * point in time) → Run (workers copy the copy bitmap's clusters; guest writes copy old data first) →
+ * Pending → Finalize (target committed, bitmap abdicated or reclaimed per the bitmap mode) → Concluded.
+ * Any failure or a cancel goes Aborting → Concluded, with the bitmap reclaimed (no bit lost) and a new target
+ * deleted. Prepare and Freeze are separate so that a transaction can prepare several jobs and freeze them
+ * all inside one quiesced instant.
+ *
+ * Threads: Run starts one controller task and Workers copy tasks; every state change happens under _lock
+ * and raises StatusChanged outside it.
+ */
+
+/// <summary>One backup of one node into one target image.</summary>
+public sealed class BackupJob
+{
+    private static long s_nextId;
+
+    private readonly Lock _lock = new();
+    private readonly ValidatedBackup _spec;
+    private readonly BackupTarget _target;
+    private readonly RateLimiter _rate;
+    private readonly CancellationTokenSource _cancel = new();
+    private readonly ManualResetEventSlim _running = new(initialState: true);
+    private readonly TaskCompletionSource _finalizeRequested = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly TaskCompletionSource _completed = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private BlockCopier? _copier;
+    private BlockJobStatus _status = BlockJobStatus.Created;
+    private BlockException? _error;
+    private BlockException? _lastTransientError;
+    private bool _pausedByError;
+    private bool _frozen;
+    private DateTimeOffset? _ended;
+
+    private BackupJob(ValidatedBackup spec, BackupTarget target, long clusterSize)
+    {
+        _spec = spec;
+        _target = target;
+        ClusterSize = clusterSize;
+        _rate = new RateLimiter(spec.Request.BytesPerSecond);
+        Id = "backup" + Interlocked.Increment(ref s_nextId);
+    }
+
+    #region Identity and options
+
+    public string Id { get; }
+
+    public BlockNode Source => _spec.Request.Source;
+
+    /// <summary>Final path of the target image.</summary>
+    public string TargetPath => _target.Path;
+
+    public BackupSyncMode Sync => _spec.Request.Sync;
+
+    public DirtyBitmap? Bitmap => _spec.Bitmap;
+
+    public BitmapSyncMode? BitmapMode => _spec.BitmapMode;
+
+    public bool AutoFinalize => _spec.Request.AutoFinalize;
+
+    /// <summary>Copy granularity: max(64 KiB, target cluster size), as QEMU.</summary>
+    public long ClusterSize { get; }
+
+    public long BytesPerSecond { get => _rate.BytesPerSecond; set => _rate.BytesPerSecond = Math.Max(0, value); }
+
+    #endregion
+
+    #region State
+
+    public BlockJobStatus Status { get { lock (_lock) return _status; } }
+
+    /// <summary>True while paused by <see cref="JobErrorAction.Stop"/> after an error.</summary>
+    public bool PausedByError { get { lock (_lock) return _pausedByError; } }
+
+    /// <summary>The instant the backup represents (set by <see cref="Freeze"/>).</summary>
+    public DateTimeOffset PointInTime { get; private set; }
+
+    public DateTimeOffset? EndTime { get { lock (_lock) return _ended; } }
+
+    public long BytesTotal => _copier?.BytesTotal ?? 0;
+
+    public long BytesDone => _copier?.BytesDone ?? 0;
+
+    /// <summary>Why the job failed, or null.</summary>
+    public BlockException? Error { get { lock (_lock) return _error; } }
+
+    /// <summary>The last error that paused the job or was ignored.</summary>
+    public BlockException? LastTransientError { get { lock (_lock) return _lastTransientError; } }
+
+    public bool Succeeded => Status == BlockJobStatus.Concluded && Error is null;
+
+    /// <summary>Completes when the job is concluded, whatever the outcome (never faults).</summary>
+    public Task Completion => _completed.Task;
+
+    /// <summary>Raised after every status change, on the thread that changed it.</summary>
+    public event Action<BackupJob, BlockJobStatus>? StatusChanged;
+
+    #endregion
+
+    #region Creation
+
+    /// <summary>Check, create the target and set up a job; nothing on the source changes yet.</summary>
+    public static BackupJob Prepare(BackupRequest request, BackupTargetOptions targetOptions)
+    {
+        ValidatedBackup spec = ValidatedBackup.Check(request);
+        BackupRequest r = spec.Request;
+        BackupTarget target = r.UseExistingTarget
+            ? BackupTarget.OpenExisting(r.Target, r.Source.Size, targetOptions)
+            : BackupTarget.CreateNew(r.Target, r.TargetFormat, r.Source.Size, targetOptions);
+        long cluster = Math.Max(65536, target.Image.ClusterSize);
+        return new BackupJob(spec, target, cluster);
+    }
+
+    /// <summary>
+    /// Take the point in time. The caller holds <see cref="BlockNode.Quiesce"/> of the source, so no write is in
+    /// flight: the bitmap gets a successor, the copy bitmap is set from the sync mode, copy-before-write is on.
+    /// </summary>
+    public void Freeze()
+    {
+        if (_frozen)
+            throw new InvalidOperationException("The job is already frozen.");
+        BlockNode source = Source;
+        long clusters = (source.Size + ClusterSize - 1) / ClusterSize;
+        var toCopy = new HierarchicalBitmap(clusters);
+        switch (_spec.Sync)
+        {
+            case BackupSyncMode.Bitmap:
+                toCopy.Merge(_spec.Bitmap!.Snapshot(), _spec.Bitmap.Granularity, ClusterSize);
+                break;
+            case BackupSyncMode.Top:
+                toCopy.SetAll();
+                foreach (AllocationExtent e in source.GetAllocation().Where(e => e.State == AllocationState.Unallocated))
+                    ResetWholeClusters(toCopy, e);
+                break;
+            default:
+                toCopy.SetAll();
+                break;
+        }
+        _spec.Bitmap?.CreateSuccessor();
+        var policy = new CopyPolicy(
+            SkipUnallocated: _spec.Sync is BackupSyncMode.Full && _target.Created && _target.Image.BackingFile is null,
+            ZeroesAsZeroClusters: _spec.Sync == BackupSyncMode.Bitmap,
+            Compress: _spec.Request.Compress);
+        _copier = new BlockCopier(source, _target.Image, ClusterSize, toCopy, policy);
+        source.AddWriteInterceptor(_copier);
+        PointInTime = DateTimeOffset.Now;
+        _frozen = true;
+    }
+
+    private void ResetWholeClusters(HierarchicalBitmap toCopy, AllocationExtent e)
+    {
+        long first = (e.Offset + ClusterSize - 1) / ClusterSize;
+        long end = e.End >= Source.Size ? toCopy.Length : e.End / ClusterSize;
+        if (end > first)
+            toCopy.Reset(first, end - first);
+    }
+
+    /// <summary>Give up a prepared job that was never run (a transaction rolled back): nothing was copied.</summary>
+    public void Abandon()
+    {
+        if (_frozen)
+        {
+            using (Source.Quiesce())
+                Source.RemoveWriteInterceptor(_copier!);
+            _copier!.Detach();
+            _spec.Bitmap?.Reclaim();
+        }
+        _target.Discard();
+        Conclude(new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled before it started.", Id));
+    }
+
+    /// <summary>Prepare, freeze at once and run: the usual way to start one backup.</summary>
+    public static BackupJob Start(BackupRequest request, BackupTargetOptions targetOptions)
+    {
+        BackupJob job = Prepare(request, targetOptions);
+        try
+        {
+            using (request.Source.Quiesce())
+                job.Freeze();
+        }
+        catch
+        {
+            job._target.Discard();
+            throw;
+        }
+        job.Run();
+        return job;
+    }
+
+    #endregion
+
+    #region Verbs
+
+    /// <summary>Start copying (after <see cref="Freeze"/>).</summary>
+    public void Run()
+    {
+        if (!_frozen)
+            throw new InvalidOperationException("Freeze the job before running it.");
+        SetStatus(BlockJobStatus.Running);
+        _ = Task.Factory.StartNew(Control, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+    }
+
+    /// <summary>Pause copying (QEMU's job-pause). Copy-before-write goes on, so the point in time holds.</summary>
+    public void Pause()
+    {
+        lock (_lock)
+        {
+            RequireVerb("pause", BlockJobStatus.Created, BlockJobStatus.Running, BlockJobStatus.Paused);
+            _running.Reset();
+        }
+        SetStatus(BlockJobStatus.Paused);
+    }
+
+    /// <summary>Resume copying; clusters that failed are retried.</summary>
+    public void Resume()
+    {
+        lock (_lock)
+        {
+            RequireVerb("resume", BlockJobStatus.Created, BlockJobStatus.Running, BlockJobStatus.Paused);
+            _pausedByError = false;
+        }
+        _running.Set();
+        SetStatus(BlockJobStatus.Running);
+    }
+
+    /// <summary>Cancel (QEMU's job-cancel): the job aborts, keeping every dirty bit. A paused job is resumed to end.</summary>
+    public void Cancel()
+    {
+        lock (_lock)
+        {
+            if (_status is BlockJobStatus.Concluded or BlockJobStatus.Aborting)
+                return;
+        }
+        _cancel.Cancel();
+        _running.Set();
+        _finalizeRequested.TrySetResult();
+    }
+
+    /// <summary>
+    /// Finalize a pending job (auto-finalize off; QEMU's job-finalize), or end a -Sync None job successfully.
+    /// </summary>
+    public void Complete()
+    {
+        lock (_lock)
+        {
+            if (!(_status == BlockJobStatus.Pending || (_spec.Sync == BackupSyncMode.None && _status is BlockJobStatus.Running or BlockJobStatus.Paused)))
+                RequireVerb("finalize", BlockJobStatus.Pending);
+        }
+        _finalizeRequested.TrySetResult();
+    }
+
+    private void RequireVerb(string verb, params BlockJobStatus[] allowed)
+    {
+        if (!allowed.Contains(_status))
+            Throw.Block(ErrorIds.JobStateInvalid, BlockErrorCategory.InvalidOperation,
+                $"Job '{Id}' in state '{_status}' cannot accept command verb '{verb}'.", Id);
+    }
+
+    #endregion
+
+    #region Running
+
+    private void Control()
+    {
+        BlockException? failure = null;
+        try
+        {
+            if (_spec.Sync == BackupSyncMode.None)
+                _finalizeRequested.Task.Wait(_cancel.Token);
+            else
+                Task.WaitAll(Enumerable.Range(0, Math.Max(1, _spec.Request.Workers))
+                    .Select(_ => Task.Factory.StartNew(Work, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray());
+        }
+        catch (OperationCanceledException)
+        {
+        }
+        catch (AggregateException e) when (e.InnerExceptions.All(x => x is OperationCanceledException))
+        {
+        }
+        catch (Exception e)
+        {
+            Exception inner = e is AggregateException a ? a.InnerExceptions.First(x => x is not OperationCanceledException) : e;
+            lock (_lock)
+                _error ??= inner as BlockException ?? new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation,
+                    $"Backup job '{Id}' failed: {inner.Message}", Id, inner);
+            _cancel.Cancel();
+        }
+        lock (_lock)
+            failure = _error;
+        failure ??= _copier!.CopyBeforeWriteFailure;
+        if (failure is null && _cancel.IsCancellationRequested)
+            failure = new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
+        if (failure is null && _spec.Sync != BackupSyncMode.None && !_copier!.IsDone)
+            failure = new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' ended with data left to copy.", Id);
+        if (failure is null)
+        {
+            SetStatus(BlockJobStatus.Pending);
+            if (!AutoFinalize && _spec.Sync != BackupSyncMode.None)
+                _finalizeRequested.Task.Wait();
+            if (_cancel.IsCancellationRequested)
+                failure = new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
+            else
+                failure = _copier!.CopyBeforeWriteFailure ?? FinalizeSuccess();
+        }
+        if (failure is not null)
+            AbortWith(failure);
+    }
+
+    private void Work()
+    {
+        CancellationToken cancel = _cancel.Token;
+        while (true)
+        {
+            _running.Wait(cancel);
+            if (_copier!.CopyBeforeWriteFailure is not null)
+                return;
+            if (!_copier.TryClaim(BlockCopier.MaxChunk, out long first, out long count))
+            {
+                if (_copier.IsDone)
+                    return;
+                _copier.WaitForChange(TimeSpan.FromMilliseconds(50));
+                continue;
+            }
+            try
+            {
+                _rate.Wait(Math.Min(count * ClusterSize, BlockCopier.MaxChunk), cancel);
+                cancel.ThrowIfCancellationRequested();
+                _copier.CopyClaimed(first, count);
+            }
+            catch (OperationCanceledException)
+            {
+                _copier.Unclaim(first, count);
+                throw;
+            }
+            catch (CopyFailedException e)
+            {
+                JobErrorAction action = e.SourceSide ? _spec.Request.OnSourceError : _spec.Request.OnTargetError;
+                switch (action)
+                {
+                    case JobErrorAction.Report:
+                        lock (_lock)
+                            _error ??= e.Error;
+                        _cancel.Cancel();
+                        return;
+                    case JobErrorAction.Stop:
+                        lock (_lock)
+                        {
+                            _lastTransientError = e.Error;
+                            _pausedByError = true;
+                            _running.Reset();
+                        }
+                        SetStatus(BlockJobStatus.Paused);
+                        break;
+                    default:
+                        lock (_lock)
+                            _lastTransientError = e.Error;
+                        cancel.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(20)); // retried later
+                        break;
+                }
+            }
+        }
+    }
+
+    private BlockException? FinalizeSuccess()
+    {
+        DetachFromSource();
+        try
+        {
+            _target.Commit();
+        }
+        catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
+        {
+            return e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+                $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
+        }
+        CleanUpBitmap(succeeded: true);
+        Conclude(null);
+        return null;
+    }
+
+    private void AbortWith(BlockException failure)
+    {
+        SetStatus(BlockJobStatus.Aborting);
+        DetachFromSource();
+        _target.Discard();
+        CleanUpBitmap(succeeded: false);
+        Conclude(failure);
+    }
+
+    private bool _detached;
+
+    private void DetachFromSource()
+    {
+        if (_detached)
+            return;
+        _detached = true;
+        using (Source.Quiesce())
+            Source.RemoveWriteInterceptor(_copier!);
+        _copier!.Detach();
+    }
+
+    /// <summary>QEMU's backup_cleanup_sync_bitmap.</summary>
+    private void CleanUpBitmap(bool succeeded)
+    {
+        DirtyBitmap? bitmap = _spec.Bitmap;
+        if (bitmap is null)
+            return;
+        BitmapSyncMode mode = _spec.BitmapMode!.Value;
+        bool sync = (succeeded || mode == BitmapSyncMode.Always) && mode != BitmapSyncMode.Never;
+        if (sync)
+            bitmap.Abdicate();
+        else
+            bitmap.Reclaim();
+        if (!succeeded && mode == BitmapSyncMode.Always)
+            bitmap.MergeInternal(_copier!.Remaining(), ClusterSize);
+    }
+
+    private void Conclude(BlockException? error)
+    {
+        lock (_lock)
+        {
+            _error = error;
+            _ended = DateTimeOffset.Now;
+        }
+        SetStatus(BlockJobStatus.Concluded);
+        _completed.TrySetResult();
+    }
+
+    private void SetStatus(BlockJobStatus status)
+    {
+        lock (_lock)
+        {
+            if (_status == status || _status == BlockJobStatus.Concluded)
+                return;
+            _status = status;
+        }
+        StatusChanged?.Invoke(this, status);
+    }
+
+    #endregion
+
+    public override string ToString() => $"{Id} ({Source.Name} → {TargetPath}, {Status})";
+}

@@ -1,0 +1,129 @@
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Formats.Raw;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup.Core.Jobs;
+
+/// <summary>
+/// The image a backup writes. A new target is created as "&lt;path&gt;.partial" and renamed to its final name
+/// only when the backup succeeds, so a failed, stopped or crashed backup never leaves a file that passes for a
+/// finished backup: it leaves nothing (failure and stop delete the partial file) or a ".partial" file (crash).
+/// An existing target (-UseExistingTarget) is written in place; on failure it is left as it is and the
+/// result says the backup failed.
+/// </summary>
+public sealed class BackupTarget : IDisposable
+{
+    public const string PartialSuffix = ".partial";
+
+    private bool _finished;
+
+    private BackupTarget(string path, string writePath, IBlockImage image, bool created)
+    {
+        Path = path;
+        WritePath = writePath;
+        Image = image;
+        Created = created;
+    }
+
+    /// <summary>The final path of the backup.</summary>
+    public string Path { get; }
+
+    /// <summary>The file being written (the partial file for a new target).</summary>
+    public string WritePath { get; }
+
+    public IBlockImage Image { get; }
+
+    /// <summary>Whether this backup created the file (and so deletes it on failure).</summary>
+    public bool Created { get; }
+
+    /// <summary>A new image for a backup of <paramref name="size"/> bytes.</summary>
+    public static BackupTarget CreateNew(string path, ImageFormat format, long size, BackupTargetOptions options)
+    {
+        if (File.Exists(path) || Directory.Exists(path))
+            Throw.Block(ErrorIds.ImageAlreadyExists, BlockErrorCategory.ResourceExists,
+                $"Backup target '{path}' already exists; choose a new file, or use the existing one with -UseExistingTarget.", path);
+        string partial = path + PartialSuffix;
+        if (File.Exists(partial))
+            File.Delete(partial); // left by a crashed backup: never a valid backup
+        options.Create(partial, format, size);
+        try
+        {
+            return new BackupTarget(path, partial, options.Open(partial, format), created: true);
+        }
+        catch
+        {
+            File.Delete(partial);
+            throw;
+        }
+    }
+
+    /// <summary>An existing image of the same virtual size, written in place.</summary>
+    public static BackupTarget OpenExisting(string path, long size, BackupTargetOptions options)
+    {
+        IBlockImage image = options.OpenExisting(path);
+        if (image.Size != size)
+        {
+            image.Dispose();
+            Throw.Block(ErrorIds.TargetSizeMismatch, BlockErrorCategory.InvalidArgument,
+                $"Source and target image have different sizes: the source has {size} bytes, target '{path}' has {image.Size}.", path);
+        }
+        return new BackupTarget(path, path, image, created: false);
+    }
+
+    /// <summary>Flush and close; a new target is then renamed to its final name.</summary>
+    public void Commit()
+    {
+        if (_finished)
+            return;
+        _finished = true;
+        try
+        {
+            Image.Flush();
+        }
+        finally
+        {
+            Image.Dispose();
+        }
+        if (Created)
+            File.Move(WritePath, Path, overwrite: false);
+    }
+
+    /// <summary>Close and, for a new target, delete the partial file.</summary>
+    public void Discard()
+    {
+        if (_finished)
+            return;
+        _finished = true;
+        Image.Dispose();
+        if (Created)
+        {
+            try
+            {
+                File.Delete(WritePath);
+            }
+            catch (IOException)
+            {
+            }
+        }
+    }
+
+    public void Dispose() => Discard();
+}
+
+/// <summary>How a backup target is created and opened: format drivers plug in here.</summary>
+public sealed class BackupTargetOptions
+{
+    /// <summary>Create an image file (the raw driver by default).</summary>
+    public Action<string, ImageFormat, long> Create { get; init; } = (path, format, size) =>
+    {
+        if (format != ImageFormat.Raw)
+            Throw.Block(ErrorIds.UnsupportedFormat, BlockErrorCategory.NotImplemented, $"Backup targets of format {format} are not supported yet ('{path}').", path);
+        RawImage.Create(path, size);
+    };
+
+    /// <summary>Open a file this backup created, read-write.</summary>
+    public Func<string, ImageFormat, IBlockImage> Open { get; init; } = (path, _) => RawImage.Open(path, readOnly: false);
+
+    /// <summary>Open an existing target, read-write, detecting its format.</summary>
+    public Func<string, IBlockImage> OpenExisting { get; init; } = path => RawImage.Open(path, readOnly: false);
+}
