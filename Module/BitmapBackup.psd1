@@ -13,7 +13,8 @@
         'New-BlockImage', 'Open-BlockNode', 'Get-BlockNode', 'Close-BlockNode', 'Resize-BlockNode',
         'Write-BlockNode', 'Read-BlockNode',
         'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
-        'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange'
+        'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange',
+        'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup'
     )
     FunctionsToExport    = @()
     AliasesToExport      = @()

@@ -1,0 +1,182 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Jobs;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup;
+
+/// <summary>
+/// Start-IncrementalBackup: copies a node into a new image, all of it or only a bitmap's dirty clusters, as of
+/// the instant the job starts (QEMU's blockdev-backup). Returns a job at once, or waits with -Wait.
+/// </summary>
+[Cmdlet(VerbsLifecycle.Start, "IncrementalBackup", SupportsShouldProcess = true)]
+[OutputType(typeof(BackupPSJob), typeof(BackupResult))]
+public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
+{
+    private BackupJob? _waitingFor;
+
+    #region Parameters
+
+    /// <summary>The node to back up: a name or a node object.</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
+    [BlockNodeTransformation]
+    [ArgumentCompleter(typeof(NodeNameCompleter))]
+    [ValidateNotNullOrEmpty]
+    public string Node { get; set; } = null!;
+
+    /// <summary>Path of the backup image to create (or to write into, with -UseExistingTarget).</summary>
+    [Parameter(Mandatory = true, Position = 1)]
+    [ValidateNotNullOrEmpty]
+    public string Target { get; set; } = null!;
+
+    /// <summary>What to copy: Full, Top, None, Bitmap or Incremental (Bitmap with -BitmapMode OnSuccess).</summary>
+    [Parameter(Mandatory = true)]
+    public BackupSyncMode Sync { get; set; }
+
+    /// <summary>The dirty bitmap of the node that says what to copy (Bitmap, Incremental) or that the backup resets (Full, Top).</summary>
+    [Parameter]
+    [ArgumentCompleter(typeof(BitmapNameCompleter))]
+    [ValidateNotNullOrEmpty]
+    public string? Bitmap { get; set; }
+
+    /// <summary>What happens to the bitmap at the end: OnSuccess, Always or Never.</summary>
+    [Parameter]
+    public BitmapSyncMode BitmapMode { get; set; }
+
+    /// <summary>The previous backup of the chain, recorded as the new image's backing file (relative to the target's folder, or absolute).</summary>
+    [Parameter]
+    [ValidateNotNullOrEmpty]
+    public string? BackingFile { get; set; }
+
+    /// <summary>Write into an existing image of the same virtual size instead of creating one.</summary>
+    [Parameter]
+    public SwitchParameter UseExistingTarget { get; set; }
+
+    /// <summary>Format of a new target: Qcow2 (default) or Raw.</summary>
+    [Parameter]
+    public ImageFormat TargetFormat { get; set; } = ImageFormat.Qcow2;
+
+    /// <summary>Cluster size of a new qcow2 target (default 64 KiB).</summary>
+    [Parameter]
+    [ValidateRange(512, 2 * 1024 * 1024)]
+    public int ClusterSize { get; set; }
+
+    /// <summary>Limit the copy rate to this many bytes per second (0: no limit). Writes during the backup are never slowed by it.</summary>
+    [Parameter]
+    public long BytesPerSecond { get; set; }
+
+    /// <summary>Write compressed qcow2 clusters.</summary>
+    [Parameter]
+    public SwitchParameter Compress { get; set; }
+
+    /// <summary>When reading the node fails: Report (fail the job), Stop (pause; Resume-Job retries) or Ignore (retry later).</summary>
+    [Parameter]
+    public JobErrorAction OnSourceError { get; set; } = JobErrorAction.Report;
+
+    /// <summary>When writing the target fails: Report, Stop or Ignore.</summary>
+    [Parameter]
+    public JobErrorAction OnTargetError { get; set; } = JobErrorAction.Report;
+
+    /// <summary>With $false the job stops in the Pending status after copying, bitmaps untouched, until Complete-IncrementalBackup.</summary>
+    [Parameter]
+    public bool AutoFinalize { get; set; } = true;
+
+    /// <summary>Name of the PowerShell job (default: the engine's job id, backupN).</summary>
+    [Parameter]
+    [ValidateNotNullOrEmpty]
+    public string? JobName { get; set; }
+
+    /// <summary>Run in the foreground with a progress bar; write the result, or a terminating error if the backup failed.</summary>
+    [Parameter]
+    public SwitchParameter Wait { get; set; }
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessRecord()
+    {
+        BlockNode node = Engine.Find(Node) ?? throw Terminate(new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{Node}' not found.", Node));
+        string target = ResolveFilePath(Target);
+        if (!ShouldProcess(target, $"Back up node '{node.Name}' (-Sync {Sync})"))
+            return;
+        var request = new BackupRequest
+        {
+            Source = node,
+            Target = target,
+            Sync = Sync,
+            BitmapName = Bitmap,
+            BitmapMode = MyInvocation.BoundParameters.ContainsKey(nameof(BitmapMode)) ? BitmapMode : null,
+            BackingFile = BackingFile,
+            UseExistingTarget = UseExistingTarget,
+            TargetFormat = TargetFormat,
+            ClusterSize = MyInvocation.BoundParameters.ContainsKey(nameof(ClusterSize)) ? ClusterSize : null,
+            BytesPerSecond = BytesPerSecond,
+            Compress = Compress,
+            OnSourceError = OnSourceError,
+            OnTargetError = OnTargetError,
+            AutoFinalize = AutoFinalize,
+        };
+        BackupJob job;
+        try
+        {
+            job = BackupJob.Prepare(request, BackupTargets.Options);
+            using (node.Quiesce())
+                job.Freeze();
+        }
+        catch (BlockException e)
+        {
+            throw Terminate(e);
+        }
+
+        if (Wait)
+            RunInForeground(job);
+        else
+            WriteObject(StartAsPSJob(job));
+    }
+
+    protected override void StopProcessing() => _waitingFor?.Cancel();
+
+    #endregion
+
+    #region Private methods
+
+    private BackupPSJob StartAsPSJob(BackupJob job)
+    {
+        var psJob = new BackupPSJob(job, MyInvocation.Line, JobName);
+        var definition = new JobDefinition(typeof(BackupJobSourceAdapter), MyInvocation.Line, psJob.Name);
+        var parameters = new Dictionary<string, object> { [BackupPSJob.ParameterName] = psJob };
+        Job2 registered = JobManager.NewJob(new JobInvocationInfo(definition, parameters));
+        System.Diagnostics.Debug.Assert(registered == psJob, "The adapter must return the job it was given.");
+        psJob.StartJob();
+        return psJob;
+    }
+
+    private void RunInForeground(BackupJob job)
+    {
+        _waitingFor = job;
+        job.Run();
+        var progress = new ProgressRecord(1, $"Backup of node '{job.Source.Name}'", "Starting");
+        while (!job.Completion.Wait(TimeSpan.FromMilliseconds(200)))
+        {
+            long total = job.BytesTotal;
+            progress.PercentComplete = total == 0 ? 0 : (int)Math.Min(100, job.BytesDone * 100 / total);
+            progress.StatusDescription = $"{job.Status}: {job.BytesDone:N0} of {total:N0} bytes";
+            WriteProgress(progress);
+        }
+        progress.RecordType = ProgressRecordType.Completed;
+        WriteProgress(progress);
+        _waitingFor = null;
+        if (job.Error is { } error)
+            throw Terminate(error);
+        WriteObject(new BackupResult(job));
+    }
+
+    private PipelineStoppedException Terminate(BlockException e)
+    {
+        ThrowTerminatingError(ErrorRecordFactory.From(e));
+        return new PipelineStoppedException(); // not reached
+    }
+
+    #endregion
+}

@@ -1,0 +1,221 @@
+using System.ComponentModel;
+using System.Management.Automation;
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Jobs;
+
+namespace BitmapBackup;
+
+/// <summary>
+/// A backup as a PowerShell job: Get-Job, Wait-Job, Receive-Job (one <see cref="BackupResult"/>), Stop-Job
+/// (cancel), Suspend-Job/Resume-Job (pause) and Remove-Job work on it. <see cref="Status"/> is QEMU's job
+/// status; the PowerShell state follows it: running → Running, paused → Suspended, concluded → Completed,
+/// Failed or (cancelled) Stopped. Progress records are written to the Progress stream while it copies.
+/// </summary>
+public sealed class BackupPSJob : Job2
+{
+    internal const string TypeName = "BitmapBackupJob";
+    internal const string ParameterName = "BitmapBackupJob";
+    private static readonly TimeSpan ProgressInterval = TimeSpan.FromMilliseconds(250);
+
+    private readonly Timer _progressTimer;
+    private readonly int _activityId;
+    private int _finished;
+
+    internal BackupPSJob(BackupJob job, string command, string? name)
+        : base(command, name ?? job.Id)
+    {
+        Backup = job;
+        PSJobTypeName = TypeName;
+        _activityId = (int)(Interlocked.Increment(ref s_activity) & 0x7fffffff);
+        Output.EnumeratorNeverBlocks = true;
+        _progressTimer = new Timer(_ => WriteProgressRecord(), null, Timeout.Infinite, Timeout.Infinite);
+        job.StatusChanged += OnStatusChanged;
+    }
+
+    private static long s_activity;
+
+    /// <summary>The engine's job.</summary>
+    public BackupJob Backup { get; }
+
+    /// <summary>QEMU's job status: Created, Running, Paused, Waiting, Pending, Aborting, Concluded.</summary>
+    public BlockJobStatus Status => Backup.Status;
+
+    public string Node => Backup.Source.Name;
+
+    public string Target => Backup.TargetPath;
+
+    public long BytesCopied => Backup.BytesDone;
+
+    public long BytesTotal => Backup.BytesTotal;
+
+    public override string StatusMessage => $"{Status}: {BytesCopied} of {BytesTotal} bytes";
+
+    public override string Location => Backup.Source.Name;
+
+    public override bool HasMoreData => Output.Count > 0 || Error.Count > 0 || Progress.Count > 0 || Warning.Count > 0 || Verbose.Count > 0;
+
+    /// <summary>Start the engine job (it was frozen by the caller) and follow it.</summary>
+    public override void StartJob()
+    {
+        SetJobState(JobState.Running);
+        _progressTimer.Change(TimeSpan.Zero, ProgressInterval);
+        if (Backup.Status == BlockJobStatus.Created)
+            Backup.Run();
+        else
+            OnStatusChanged(Backup, Backup.Status);
+    }
+
+    public override void StartJobAsync()
+    {
+        StartJob();
+        OnStartJobCompleted(new AsyncCompletedEventArgs(null, false, null));
+    }
+
+    /// <summary>Cancel the backup (QEMU's job-cancel) and wait until it has cleaned up: no dirty bit is lost.</summary>
+    public override void StopJob()
+    {
+        if (IsFinished)
+            return;
+        SetJobState(JobState.Stopping);
+        Backup.Cancel();
+        Backup.Completion.Wait();
+        Finished.WaitOne(TimeSpan.FromSeconds(30));
+    }
+
+    public override void StopJobAsync()
+        => Task.Run(() =>
+        {
+            Exception? error = null;
+            try
+            {
+                StopJob();
+            }
+            catch (Exception e)
+            {
+                error = e;
+            }
+            OnStopJobCompleted(new AsyncCompletedEventArgs(error, false, null));
+        });
+
+    public override void StopJob(bool force, string reason) => StopJob();
+
+    public override void StopJobAsync(bool force, string reason) => StopJobAsync();
+
+    /// <summary>Pause copying (Suspend-Job). Copy-before-write continues, so the point in time holds.</summary>
+    public override void SuspendJob()
+    {
+        Backup.Pause();
+    }
+
+    public override void SuspendJobAsync()
+        => Task.Run(() =>
+        {
+            Exception? error = null;
+            try
+            {
+                SuspendJob();
+            }
+            catch (Exception e)
+            {
+                error = e;
+            }
+            OnSuspendJobCompleted(new AsyncCompletedEventArgs(error, false, null));
+        });
+
+    public override void SuspendJob(bool force, string reason) => SuspendJob();
+
+    public override void SuspendJobAsync(bool force, string reason) => SuspendJobAsync();
+
+    /// <summary>Resume copying (Resume-Job); what failed under -OnSourceError/-OnTargetError Stop is retried.</summary>
+    public override void ResumeJob()
+    {
+        Backup.Resume();
+    }
+
+    public override void ResumeJobAsync()
+        => Task.Run(() =>
+        {
+            Exception? error = null;
+            try
+            {
+                ResumeJob();
+            }
+            catch (Exception e)
+            {
+                error = e;
+            }
+            OnResumeJobCompleted(new AsyncCompletedEventArgs(error, false, null));
+        });
+
+    public override void UnblockJob() => throw new NotSupportedException("Backup jobs never block.");
+
+    public override void UnblockJobAsync() => throw new NotSupportedException("Backup jobs never block.");
+
+    private bool IsFinished => Volatile.Read(ref _finished) != 0;
+
+    private void OnStatusChanged(BackupJob job, BlockJobStatus status)
+    {
+        switch (status)
+        {
+            case BlockJobStatus.Running:
+                if (JobStateInfo.State is JobState.Suspended or JobState.Suspending)
+                    SetJobState(JobState.Running);
+                break;
+            case BlockJobStatus.Paused:
+                if (JobStateInfo.State == JobState.Running)
+                    SetJobState(JobState.Suspended);
+                if (job.PausedByError && job.LastTransientError is { } e)
+                    Warning.Add(new WarningRecord($"Backup job '{Name}' paused after an error: {e.Message} Resume-Job retries."));
+                break;
+            case BlockJobStatus.Concluded:
+                Conclude(job);
+                break;
+        }
+    }
+
+    private void Conclude(BackupJob job)
+    {
+        if (Interlocked.Exchange(ref _finished, 1) != 0)
+            return;
+        _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
+        WriteProgressRecord();
+        Output.Add(PSObject.AsPSObject(new BackupResult(job)));
+        BlockException? error = job.Error;
+        if (error is null)
+        {
+            SetJobState(JobState.Completed);
+        }
+        else if (error.ErrorId == ErrorIds.BackupCancelled)
+        {
+            SetJobState(JobState.Stopped);
+        }
+        else
+        {
+            Error.Add(ErrorRecordFactory.From(error));
+            SetJobState(JobState.Failed);
+        }
+    }
+
+    private void WriteProgressRecord()
+    {
+        long total = Backup.BytesTotal;
+        long done = Backup.BytesDone;
+        int percent = total == 0 ? (Backup.Status == BlockJobStatus.Concluded ? 100 : 0) : (int)Math.Min(100, done * 100 / total);
+        var record = new ProgressRecord(_activityId, $"Backup of node '{Backup.Source.Name}'", $"{Backup.Status}: {done:N0} of {total:N0} bytes")
+        {
+            PercentComplete = percent,
+            RecordType = Backup.Status == BlockJobStatus.Concluded ? ProgressRecordType.Completed : ProgressRecordType.Processing,
+        };
+        Progress.Add(record);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            Backup.StatusChanged -= OnStatusChanged;
+            _progressTimer.Dispose();
+        }
+        base.Dispose(disposing);
+    }
+}
