@@ -57,4 +57,9 @@ public static class ErrorIds
     public const string JobStateInvalid = "JobStateInvalid";
     public const string BackupFailed = "BackupFailed";
     public const string BackupCancelled = "BackupCancelled";
+
+    // Transactions
+    public const string TransactionConflict = "TransactionConflict";
+    public const string GroupedCompletionNotAllowed = "GroupedCompletionNotAllowed";
+    public const string TransactionActionInvalid = "TransactionActionInvalid";
 }

@@ -71,6 +71,21 @@ public sealed class BackupJob
 
     public long BytesPerSecond { get => _rate.BytesPerSecond; set => _rate.BytesPerSecond = Math.Max(0, value); }
 
+    /// <summary>The grouped transaction this job belongs to, or null. Set before <see cref="Freeze"/>.</summary>
+    public JobGroup? Group
+    {
+        get => _group;
+        set
+        {
+            if (_frozen)
+                throw new InvalidOperationException("Join a group before the job is frozen.");
+            _group = value;
+            value?.Register(this);
+        }
+    }
+
+    private JobGroup? _group;
+
     #endregion
 
     #region State
@@ -300,6 +315,12 @@ public sealed class BackupJob
             failure = new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
         if (failure is null && _spec.Sync != BackupSyncMode.None && !_copier!.IsDone)
             failure = new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' ended with data left to copy.", Id);
+        if (failure is null && _group is not null)
+        {
+            SetStatus(BlockJobStatus.Waiting);
+            if (!_group.WaitForAll(this, _cancel.Token, out BlockException? why))
+                failure = why ?? new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
+        }
         if (failure is null)
         {
             SetStatus(BlockJobStatus.Pending);
@@ -311,7 +332,10 @@ public sealed class BackupJob
                 failure = _copier!.CopyBeforeWriteFailure ?? FinalizeSuccess();
         }
         if (failure is not null)
+        {
+            _group?.Fail(this);
             AbortWith(failure);
+        }
     }
 
     private void Work()
