@@ -14,6 +14,10 @@ Set-StrictMode -Version Latest
 $ErrorActionPreference = 'Stop'
 $PSStyle.OutputRendering = 'PlainText'
 
+# pwsh -File passes "a,b" as one string: split lists here.
+$Path = @($Path | ForEach-Object { $_ -split ',' } | Where-Object { $_ })
+$ExcludeTag = @($ExcludeTag | ForEach-Object { $_ -split ',' } | Where-Object { $_ })
+
 Import-Module $PesterModule -Force
 $c = New-PesterConfiguration
 $c.Run.Path = $Path
@@ -25,6 +29,11 @@ $c.TestResult.Enabled = $true
 $c.TestResult.OutputFormat = 'JUnitXml'
 $c.TestResult.OutputPath = $ResultsPath
 $r = Invoke-Pester -Configuration $c
+if ($null -eq $r) {
+    [pscustomobject]@{ Passed = 0; Failed = 1; Skipped = 0 } | ConvertTo-Json | Set-Content -Path $SummaryPath
+    'Pester did not run'
+    exit 1
+}
 $failed = $r.FailedCount + $r.FailedContainersCount
 [pscustomobject]@{ Passed = $r.PassedCount; Failed = $failed; Skipped = $r.SkippedCount } |
     ConvertTo-Json | Set-Content -Path $SummaryPath

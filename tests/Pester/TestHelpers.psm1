@@ -16,7 +16,7 @@ $script:CommandNames = @(
 )
 
 function Get-BitmapBackupCommandName {
-    <# The cmdlets the manifest must export, exactly. #>
+    <# The node and bitmap cmdlets this suite covers (the module may export more, e.g. the backup cmdlets). #>
     return $script:CommandNames
 }
 
@@ -91,7 +91,7 @@ function Get-RangeText {
 }
 
 function Get-FileBytes {
-    <# Bytes [Offset, Offset+Length) of a file read without the module (the file may be open by a node). #>
+    <# Bytes [Offset, Offset+Length) of a file read without the module (the file may be open by a node), one by one. #>
     param([string] $Path, [long] $Offset, [int] $Length)
     $fs = [IO.File]::Open($Path, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]::ReadWrite)
     try {
@@ -103,9 +103,25 @@ function Get-FileBytes {
             if ($n -le 0) { break }
             $done += $n
         }
-        return , $buf
+        return $buf
     }
     finally { $fs.Dispose() }
+}
+
+function Find-ByteMismatch {
+    <#
+    Index (from Start) of the first byte of Bytes[Start, Start+Count) that is not Value, or -1 when all are.
+    Fast on large arrays: compares base64 texts first, so a test pipes the result to Should -Be -1.
+    #>
+    param([Parameter(Mandatory)] [AllowEmptyCollection()] [byte[]] $Bytes, [int] $Start = 0, [int] $Count = -1, [byte] $Value = 0)
+    if ($Count -lt 0) { $Count = $Bytes.Length - $Start }
+    $expected = [byte[]]::new($Count)
+    if ($Value -ne 0) { [Array]::Fill($expected, $Value) }
+    if ([Convert]::ToBase64String($Bytes, $Start, $Count) -ceq [Convert]::ToBase64String($expected)) { return -1 }
+    for ($i = 0; $i -lt $Count; $i++) {
+        if ($Bytes[$Start + $i] -ne $Value) { return $i }
+    }
+    return -1
 }
 
 function Assert-BlockError {
@@ -132,4 +148,5 @@ function Assert-BlockError {
 }
 
 Export-ModuleMember -Function Get-BitmapBackupCommandName, Get-BitmapBackupModulePath, Import-BitmapBackupModule, Get-TestDirectory,
-    New-TestName, New-TestDirectory, New-TestImage, New-TestNode, Close-TestNode, Get-RangeText, Get-FileBytes, Assert-BlockError
+    New-TestName, New-TestDirectory, New-TestImage, New-TestNode, Close-TestNode, Get-RangeText, Get-FileBytes, Find-ByteMismatch,
+    Assert-BlockError

@@ -15,7 +15,7 @@ internal sealed class BitmapNameCompleter : IArgumentCompleter
         IEnumerable<BlockNode> nodes = BlockEngine.Default.Nodes;
         if (fakeBoundParameters["Node"] is { } bound && BlockNodeTransformationAttribute.ToName(bound) is string nodeName)
             nodes = nodes.Where(n => n.Name == nodeName);
-        var pattern = WildcardPattern.Get(wordToComplete.Trim('\'', '"') + "*", WildcardOptions.IgnoreCase);
+        WildcardPattern pattern = NameMatcher.Completion(wordToComplete);
         var seen = new HashSet<string>(StringComparer.Ordinal);
         foreach (BlockNode node in nodes)
         {

@@ -11,7 +11,7 @@ internal sealed class NodeNameCompleter : IArgumentCompleter
     public IEnumerable<CompletionResult> CompleteArgument(string commandName, string parameterName, string wordToComplete,
         CommandAst commandAst, IDictionary fakeBoundParameters)
     {
-        var pattern = WildcardPattern.Get(wordToComplete.Trim('\'', '"') + "*", WildcardOptions.IgnoreCase);
+        WildcardPattern pattern = NameMatcher.Completion(wordToComplete);
         foreach (BlockNode node in BlockEngine.Default.Nodes)
         {
             if (pattern.IsMatch(node.Name))

@@ -10,12 +10,12 @@ public sealed class CloseBlockNodeCommand : BitmapBackupCmdlet
 {
     #region Parameters
 
-    /// <summary>The node to close: a name or a node object.</summary>
+    /// <summary>The nodes to close: names or node objects.</summary>
     [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]
-    public string Node { get; set; } = null!;
+    public string[] Node { get; set; } = null!;
 
     #endregion
 
@@ -23,13 +23,14 @@ public sealed class CloseBlockNodeCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        if (ResolveNode(Node) is not BlockNode node)
-            return;
-        if (!ShouldProcess(node.Name, "Close block node"))
-            return;
-        var dropped = node.Bitmaps.Where(b => !b.Persistent).Select(b => $"'{b.Name}' ({b.Count} dirty bytes)").ToArray();
-        if (TryRun(() => Engine.Close(node)) && dropped.Length > 0)
-            WriteWarning($"Node '{node.Name}' closed; its bitmaps {string.Join(", ", dropped)} were not persistent and are gone.");
+        foreach (string name in Node)
+        {
+            if (ResolveNode(name) is not BlockNode node || !ShouldProcess(node.Name, "Close block node"))
+                continue;
+            var dropped = node.Bitmaps.Where(b => !b.Persistent).Select(b => $"'{b.Name}' ({b.Count} dirty bytes)").ToArray();
+            if (TryRun(() => Engine.Close(node)) && dropped.Length > 0)
+                WriteWarning($"Node '{node.Name}' closed; its bitmaps {string.Join(", ", dropped)} were not persistent and are gone.");
+        }
     }
 
     #endregion

@@ -13,7 +13,7 @@ public abstract class DirtyBitmapCommandBase : BitmapBackupCmdlet
     #region Parameters
 
     /// <summary>The node that holds the bitmap: a node name or a node or bitmap object.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]

@@ -13,6 +13,7 @@ public sealed class GetBlockNodeCommand : BitmapBackupCmdlet
 
     /// <summary>Node names to get; wildcards allowed. All nodes when omitted.</summary>
     [Parameter(Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
+    [BlockNodeTransformation]
     [SupportsWildcards]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]
@@ -27,14 +28,14 @@ public sealed class GetBlockNodeCommand : BitmapBackupCmdlet
         IReadOnlyList<BlockNode> nodes = Engine.Nodes;
         foreach (string pattern in Name ?? ["*"])
         {
-            var wildcard = WildcardPattern.Get(pattern, WildcardOptions.None);
+            var matcher = new NameMatcher(pattern);
             bool found = false;
-            foreach (BlockNode node in nodes.Where(n => wildcard.IsMatch(n.Name)))
+            foreach (BlockNode node in nodes.Where(n => matcher.IsMatch(n.Name)))
             {
                 found = true;
                 WriteObject(new BlockNodeInfo(node));
             }
-            if (!found && !WildcardPattern.ContainsWildcardCharacters(pattern))
+            if (!found && !matcher.IsPattern)
                 WriteError(ErrorRecordFactory.From(new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{pattern}' not found.", pattern)));
         }
     }

@@ -45,17 +45,17 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
         }
         foreach (string pattern in Name ?? ["*"])
         {
-            var wildcard = WildcardPattern.Get(pattern, WildcardOptions.None);
+            var matcher = new NameMatcher(pattern);
             bool found = false;
             foreach (BlockNode node in nodes)
             {
-                foreach (DirtyBitmap bitmap in node.Bitmaps.Where(b => wildcard.IsMatch(b.Name)))
+                foreach (DirtyBitmap bitmap in node.Bitmaps.Where(b => matcher.IsMatch(b.Name!)))
                 {
                     found = true;
                     WriteObject(new DirtyBitmapInfo(bitmap));
                 }
             }
-            if (!found && !WildcardPattern.ContainsWildcardCharacters(pattern))
+            if (!found && !matcher.IsPattern)
             {
                 string where = Node is null ? "any open node" : $"node '{Node}'";
                 WriteError(ErrorRecordFactory.From(new BlockException(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound,

@@ -20,6 +20,7 @@ public sealed class MergeDirtyBitmapCommand : DirtyBitmapCommandBase
     /// </summary>
     [Parameter(Mandatory = true, Position = 2)]
     [ValidateNotNull]
+    [AllowEmptyCollection]
     [ArgumentCompleter(typeof(BitmapNameCompleter))]
     public object[] Source { get; set; } = null!;
 
@@ -37,7 +38,7 @@ public sealed class MergeDirtyBitmapCommand : DirtyBitmapCommandBase
         bool resolved = TryRun(() =>
         {
             foreach (object item in Source)
-                sources.Add(ResolveSource(bitmap.Node, item));
+                sources.Add(ResolveSource(bitmap.Node, bitmap.Name!, item));
         });
         if (!resolved || !ShouldProcess(bitmap.ToString(), $"Merge {string.Join(", ", sources)} into dirty bitmap"))
             return;
@@ -49,7 +50,7 @@ public sealed class MergeDirtyBitmapCommand : DirtyBitmapCommandBase
 
     #region Private methods
 
-    private static DirtyBitmap ResolveSource(BlockNode targetNode, object item)
+    private static DirtyBitmap ResolveSource(BlockNode targetNode, string targetName, object item)
     {
         object value = item is PSObject pso ? pso.BaseObject : item;
         switch (value)
@@ -62,8 +63,8 @@ public sealed class MergeDirtyBitmapCommand : DirtyBitmapCommandBase
                 var ps = PSObject.AsPSObject(item);
                 if (ps.Properties["Node"]?.Value is { } node && ps.Properties["Name"]?.Value is string bitmapName)
                     return Engine.Get(BlockNodeTransformationAttribute.ToName(node)?.ToString() ?? "").GetBitmap(bitmapName);
-                throw new BlockException(ErrorIds.BitmapNotFound, BlockErrorCategory.InvalidArgument,
-                    $"Merge source '{item}' is neither a bitmap name nor a bitmap object (with Node and Name).", item);
+                throw new BlockException(ErrorIds.InvalidMergeSource, BlockErrorCategory.InvalidArgument,
+                    $"Merge source '{item}' for bitmap '{targetNode.Name}/{targetName}' is neither a bitmap name nor a bitmap object (with Node and Name).", item);
         }
     }
 

@@ -20,6 +20,7 @@ public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
 
     /// <summary>Name of the new bitmap: unique on the node, 1 to 1023 bytes of UTF-8.</summary>
     [Parameter(Mandatory = true, Position = 1)]
+    [AllowEmptyString]
     [ValidateNotNull]
     public string Name { get; set; } = null!;
 

@@ -31,6 +31,7 @@ public static class ErrorIds
     public const string BitmapReadOnly = "BitmapReadOnly";
     public const string BitmapSizeMismatch = "BitmapSizeMismatch";
     public const string MergeSourceMissing = "MergeSourceMissing";
+    public const string InvalidMergeSource = "InvalidMergeSource";
     public const string PersistenceNotSupported = "PersistenceNotSupported";
 
     // qcow2 images and backing chains

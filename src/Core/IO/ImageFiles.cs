@@ -12,6 +12,8 @@ internal static class ImageFiles
 {
     public static SafeFileHandle Open(string path, bool readOnly)
     {
+        if (Directory.Exists(path))
+            Throw.Block(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"'{path}' is a folder, not an image file.", path);
         if (!File.Exists(path))
             Throw.Block(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"Image file '{path}' does not exist.", path);
         try
@@ -46,7 +48,7 @@ internal static class ImageFiles
         catch (IOException) when (File.Exists(path) || Directory.Exists(path))
         {
             throw new BlockException(ErrorIds.ImageAlreadyExists, BlockErrorCategory.ResourceExists,
-                $"Cannot create image '{path}': a file with that name already exists.", path);
+                $"Cannot create image '{path}': a {(Directory.Exists(path) ? "folder" : "file")} with that name already exists.", path);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {

@@ -167,7 +167,9 @@ public sealed class BlockNode : IDisposable
     public void Resize(long newSize)
     {
         CheckWritable();
-        BlockEngine.CheckImageSize(newSize, Path);
+        if (newSize <= 0 || newSize % 512 != 0)
+            Throw.Block(ErrorIds.InvalidImageSize, BlockErrorCategory.InvalidArgument,
+                $"Size {newSize} for node '{Name}' must be a positive multiple of 512 bytes.", Name);
         using (Quiesce())
         {
             lock (Sync)
@@ -177,9 +179,9 @@ public sealed class BlockNode : IDisposable
                         $"Node '{Name}' cannot be resized while bitmap '{busy.Name}' is in use by a backup.", Name);
             }
             long size = Size;
-            if (newSize < size && Image.GetAllocation(newSize, size - newSize).FirstOrDefault(e => e.State == AllocationState.Data) is { Length: > 0 } data)
+            if (newSize < size && FirstNonZeroByte(newSize, size - newSize) is long at)
                 Throw.Block(ErrorIds.ShrinkWouldDiscardData, BlockErrorCategory.InvalidOperation,
-                    $"Shrinking node '{Name}' to {newSize} bytes would discard data stored at offset {data.Offset}; write zeros there first if it is not needed.", Name);
+                    $"Shrinking node '{Name}' to {newSize} bytes would discard data stored at offset {at}; write zeros there first if it is not needed.", Name);
             Image.Resize(newSize);
             lock (Sync)
             {
@@ -187,6 +189,24 @@ public sealed class BlockNode : IDisposable
                     b.ResizeLocked(newSize);
             }
         }
+    }
+
+    /// <summary>Offset of the first non-zero byte of the range, reading only what the image stores; null if none.</summary>
+    private long? FirstNonZeroByte(long offset, long length)
+    {
+        byte[] buffer = new byte[1 << 20];
+        foreach (AllocationExtent extent in Image.GetAllocation(offset, length).Where(e => e.State != AllocationState.Zero))
+        {
+            for (long pos = extent.Offset; pos < extent.End; pos += buffer.Length)
+            {
+                Span<byte> chunk = buffer.AsSpan(0, (int)Math.Min(buffer.Length, extent.End - pos));
+                Image.Read(pos, chunk);
+                int i = chunk.IndexOfAnyExcept((byte)0);
+                if (i >= 0)
+                    return pos + i;
+            }
+        }
+        return null;
     }
 
     #endregion

@@ -1,0 +1,102 @@
+using BitmapBackup.Core.Errors;
+using Microsoft.Win32.SafeHandles;
+
+namespace BitmapBackup.Core.Formats.Qcow2;
+
+/// <summary>
+/// The image file under a qcow2 image: positional reads (zero-filled past the end of the file, as QEMU's file
+/// driver reads), writes and fsync, with OS errors turned into <see cref="BlockException"/>s naming the file.
+/// Tracks the file length so that offsets read from the image can be checked against it.
+/// </summary>
+internal sealed class Qcow2File : IDisposable
+{
+    private readonly SafeFileHandle _handle;
+
+    public Qcow2File(string path, SafeFileHandle handle)
+    {
+        Path = path;
+        _handle = handle;
+        Length = Get(() => RandomAccess.GetLength(handle), "read");
+    }
+
+    public string Path { get; }
+
+    /// <summary>Current length of the file in bytes (grows with writes past the end).</summary>
+    public long Length { get; private set; }
+
+    /// <summary>Read <paramref name="buffer"/> at <paramref name="offset"/>; bytes past the end of the file read as zeros.</summary>
+    public void Read(long offset, Span<byte> buffer)
+    {
+        int done = 0;
+        while (done < buffer.Length)
+        {
+            int n;
+            try
+            {
+                n = RandomAccess.Read(_handle, buffer[done..], offset + done);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.ReadError,
+                    $"I/O error on image '{Path}' during read at offset {offset + done}: {e.Message}", Path, e);
+            }
+            if (n == 0)
+            {
+                buffer[done..].Clear();
+                return;
+            }
+            done += n;
+        }
+    }
+
+    public void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        if (data.IsEmpty)
+            return;
+        try
+        {
+            RandomAccess.Write(_handle, data, offset);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+                $"I/O error on image '{Path}' during write at offset {offset}: {e.Message}", Path, e);
+        }
+        Length = Math.Max(Length, offset + data.Length);
+    }
+
+    /// <summary>Make the file at least <paramref name="length"/> bytes long (the new part reads as zeros).</summary>
+    public void Extend(long length)
+    {
+        if (length <= Length)
+            return;
+        Get(() =>
+        {
+            RandomAccess.SetLength(_handle, length);
+            return 0;
+        }, "write");
+        Length = length;
+    }
+
+    /// <summary>fsync: everything written so far is durable when this returns.</summary>
+    public void Sync() => Get(() =>
+    {
+        RandomAccess.FlushToDisk(_handle);
+        return 0;
+    }, "flush");
+
+    public void Dispose() => _handle.Dispose();
+
+    private T Get<T>(Func<T> action, string what)
+    {
+        try
+        {
+            return action();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new BlockException(ErrorIds.ImageIOFailed, what == "read" ? BlockErrorCategory.ReadError : BlockErrorCategory.WriteError,
+                $"I/O error on image '{Path}' during {what}: {e.Message}", Path, e);
+        }
+    }
+}
