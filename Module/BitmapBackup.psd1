@@ -14,7 +14,8 @@
         'Write-BlockNode', 'Read-BlockNode',
         'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
         'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange',
-        'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup'
+        'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup',
+        'Invoke-BitmapTransaction'
     )
     FunctionsToExport    = @()
     AliasesToExport      = @()

@@ -1,6 +1,7 @@
 using System.Management.Automation;
 using BitmapBackup.Core.Bitmaps;
 using BitmapBackup.Core.Nodes;
+using BitmapBackup.Core.Transactions;
 
 namespace BitmapBackup;
 
@@ -31,6 +32,12 @@ public abstract class DirtyBitmapCommandBase : BitmapBackupCmdlet
     {
         if (ResolveNode(Node) is not BlockNode node)
             return;
+        if (TransactionScope.Current is { } scope && CreateTransactionAction(node) is { } queued)
+        {
+            if (ShouldProcess($"{node.Name}/{Name}", $"Queue in the transaction: {queued.Action.Description}"))
+                scope.Enqueue(this, queued.Action, queued.Output);
+            return;
+        }
         DirtyBitmap? bitmap = null;
         if (TryRun(() => bitmap = node.GetBitmap(Name)))
             ProcessBitmap(bitmap!);
@@ -38,4 +45,14 @@ public abstract class DirtyBitmapCommandBase : BitmapBackupCmdlet
 
     /// <summary>Act on the bitmap found; engine errors are reported with <see cref="BitmapBackupCmdlet.TryRun"/>.</summary>
     protected abstract void ProcessBitmap(DirtyBitmap bitmap);
+
+    /// <summary>
+    /// Inside Invoke-BitmapTransaction: the action to queue instead of acting, and what to write once the
+    /// transaction has committed; null when the cmdlet acts at once even there (it only reads).
+    /// </summary>
+    internal virtual (ITransactionAction Action, Func<Cmdlet, object?>? Output)? CreateTransactionAction(BlockNode node) => null;
+
+    /// <summary>After commit: the bitmap as it is then, when -PassThru asked for it.</summary>
+    private protected Func<Cmdlet, object?>? PassThruOutput(BlockNode node, bool passThru)
+        => passThru ? _ => new DirtyBitmapInfo(node.GetBitmap(Name)) : null;
 }

@@ -1,5 +1,8 @@
 using System.Management.Automation;
 using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Nodes;
+using BitmapBackup.Core.Transactions;
+using BitmapBackup.Core.Transactions.Actions;
 
 namespace BitmapBackup;
 
@@ -23,6 +26,9 @@ public sealed class DisableDirtyBitmapCommand : DirtyBitmapCommandBase
         if (ShouldProcess(bitmap.ToString(), "Disable dirty bitmap") && TryRun(() => bitmap.Disable()) && PassThru)
             WriteObject(new DirtyBitmapInfo(bitmap));
     }
+
+    internal override (ITransactionAction, Func<Cmdlet, object?>?)? CreateTransactionAction(BlockNode node)
+        => (new SetBitmapRecordingAction(node, Name, enable: false), PassThruOutput(node, PassThru));
 
     #endregion
 }

@@ -2,6 +2,8 @@ using System.Management.Automation;
 using BitmapBackup.Core.Bitmaps;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Nodes;
+using BitmapBackup.Core.Transactions;
+using BitmapBackup.Core.Transactions.Actions;
 
 namespace BitmapBackup;
 
@@ -44,6 +46,30 @@ public sealed class MergeDirtyBitmapCommand : DirtyBitmapCommandBase
             return;
         if (TryRun(() => bitmap.MergeFrom(sources)) && PassThru)
             WriteObject(new DirtyBitmapInfo(bitmap));
+    }
+
+    internal override (ITransactionAction, Func<Cmdlet, object?>?)? CreateTransactionAction(BlockNode node)
+    {
+        var sources = new List<(BlockNode, string)>();
+        foreach (object item in Source)
+        {
+            object value = item is PSObject pso ? pso.BaseObject : item;
+            (string? nodeName, string? name) = value switch
+            {
+                string s => (node.Name, s),
+                DirtyBitmapInfo info => (info.Node, info.Name),
+                _ => (PSObject.AsPSObject(item).Properties["Node"]?.Value is { } n ? BlockNodeTransformationAttribute.ToName(n)?.ToString() : null,
+                      PSObject.AsPSObject(item).Properties["Name"]?.Value as string),
+            };
+            if (nodeName is null || name is null)
+                ThrowTerminatingError(ErrorRecordFactory.From(new BlockException(ErrorIds.InvalidMergeSource, BlockErrorCategory.InvalidArgument,
+                    $"Merge source '{item}' for bitmap '{node.Name}/{Name}' is neither a bitmap name nor a bitmap object (with Node and Name).", item)));
+            BlockNode? sourceNode = Engine.Find(nodeName!);
+            if (sourceNode is null)
+                ThrowTerminatingError(ErrorRecordFactory.From(new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{nodeName}' not found.", nodeName)));
+            sources.Add((sourceNode!, name!));
+        }
+        return (new MergeBitmapAction(node, Name, sources), PassThruOutput(node, PassThru));
     }
 
     #endregion

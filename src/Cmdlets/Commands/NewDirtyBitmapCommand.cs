@@ -1,6 +1,7 @@
 using System.Management.Automation;
 using BitmapBackup.Core.Bitmaps;
 using BitmapBackup.Core.Nodes;
+using BitmapBackup.Core.Transactions.Actions;
 
 namespace BitmapBackup;
 
@@ -47,6 +48,12 @@ public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
         if (!ShouldProcess($"{node.Name}/{Name}", "Add dirty bitmap"))
             return;
         long? granularity = MyInvocation.BoundParameters.ContainsKey(nameof(Granularity)) ? Granularity : null;
+        if (TransactionScope.Current is { } scope)
+        {
+            var action = new AddBitmapAction(node, Name, granularity, Persistent, Disabled);
+            scope.Enqueue(this, action, _ => new DirtyBitmapInfo(action.Bitmap!));
+            return;
+        }
         DirtyBitmap? bitmap = null;
         if (TryRun(() => bitmap = node.AddBitmap(Name, granularity, Persistent, Disabled)))
             WriteObject(new DirtyBitmapInfo(bitmap!));

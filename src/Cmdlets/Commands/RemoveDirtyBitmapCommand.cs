@@ -1,5 +1,8 @@
 using System.Management.Automation;
 using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Nodes;
+using BitmapBackup.Core.Transactions;
+using BitmapBackup.Core.Transactions.Actions;
 
 namespace BitmapBackup;
 
@@ -15,6 +18,9 @@ public sealed class RemoveDirtyBitmapCommand : DirtyBitmapCommandBase
         if (ShouldProcess(bitmap.ToString(), "Remove dirty bitmap"))
             TryRun(() => bitmap.Node.RemoveBitmap(bitmap));
     }
+
+    internal override (ITransactionAction, Func<Cmdlet, object?>?)? CreateTransactionAction(BlockNode node)
+        => (new RemoveBitmapAction(node, Name), null);
 
     #endregion
 }

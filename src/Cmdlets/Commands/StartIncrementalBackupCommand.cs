@@ -2,6 +2,7 @@ using System.Management.Automation;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Jobs;
 using BitmapBackup.Core.Nodes;
+using BitmapBackup.Core.Transactions.Actions;
 
 namespace BitmapBackup;
 
@@ -117,6 +118,17 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
             OnTargetError = OnTargetError,
             AutoFinalize = AutoFinalize,
         };
+        if (TransactionScope.Current is { } scope)
+        {
+            if (Wait)
+                throw Terminate(new BlockException(ErrorIds.TransactionActionInvalid, BlockErrorCategory.InvalidArgument,
+                    $"Start-IncrementalBackup -Wait cannot run inside Invoke-BitmapTransaction: the backup of node '{node.Name}' starts when the transaction commits; wait for the job it returns.", node.Name));
+            var action = new StartBackupAction(request, BackupTargets.Options);
+            string line = MyInvocation.Line;
+            string? jobName = JobName;
+            scope.Enqueue(this, action, cmdlet => StartAsPSJob((PSCmdlet)cmdlet, action.Job!, line, jobName));
+            return;
+        }
         BackupJob job;
         try
         {
@@ -132,7 +144,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
         if (Wait)
             RunInForeground(job);
         else
-            WriteObject(StartAsPSJob(job));
+            WriteObject(StartAsPSJob(this, job, MyInvocation.Line, JobName));
     }
 
     protected override void StopProcessing() => _waitingFor?.Cancel();
@@ -141,12 +153,13 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
 
     #region Private methods
 
-    private BackupPSJob StartAsPSJob(BackupJob job)
+    /// <summary>Wrap an engine job (frozen, or already running after a transaction) as a PowerShell job and start following it.</summary>
+    internal static BackupPSJob StartAsPSJob(PSCmdlet cmdlet, BackupJob job, string commandLine, string? jobName)
     {
-        var psJob = new BackupPSJob(job, MyInvocation.Line, JobName);
-        var definition = new JobDefinition(typeof(BackupJobSourceAdapter), MyInvocation.Line, psJob.Name);
+        var psJob = new BackupPSJob(job, commandLine, jobName);
+        var definition = new JobDefinition(typeof(BackupJobSourceAdapter), commandLine, psJob.Name);
         var parameters = new Dictionary<string, object> { [BackupPSJob.ParameterName] = psJob };
-        Job2 registered = JobManager.NewJob(new JobInvocationInfo(definition, parameters));
+        Job2 registered = cmdlet.JobManager.NewJob(new JobInvocationInfo(definition, parameters));
         System.Diagnostics.Debug.Assert(registered == psJob, "The adapter must return the job it was given.");
         psJob.StartJob();
         return psJob;
