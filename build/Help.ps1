@@ -55,6 +55,7 @@ $StandardText = @{
     Confirm = 'Prompts you for confirmation before running the cmdlet.'
 }
 $Problems = [System.Collections.Generic.List[string]]::new()
+$ModelCache = @{}   # cmdlet name -> parameter model
 
 #region Reflection
 
@@ -88,6 +89,7 @@ function Get-PipelineText([bool] $ByValue, [bool] $ByPropertyName) {
 function Get-ParameterModel($Command) {
     # One object per parameter (common parameters excepted, WhatIf/Confirm kept), in the order of first appearance,
     # each with its metadata per parameter set.
+    if ($script:ModelCache.ContainsKey($Command.Name)) { return $script:ModelCache[$Command.Name] }
     $sets = @(Get-OrderedSets $Command)
     $allSets = $sets.Count -eq 1 -and $sets[0].Name -eq '__AllParameterSets'
     $byName = [ordered]@{}
@@ -97,7 +99,7 @@ function Get-ParameterModel($Command) {
             if (-not $byName.Contains($p.Name)) {
                 $type = $p.ParameterType
                 $valid = @()
-                $validate = @($p.Attributes | Where-Object { $_ -is [System.Management.Automation.ValidateSetAttribute] })
+                $validate = @($p.Attributes.Where({ $_ -is [System.Management.Automation.ValidateSetAttribute] }))
                 if ($validate.Count -gt 0) { $valid = @($validate[0].ValidValues) }
                 elseif ($type.IsEnum) { $valid = @([Enum]::GetNames($type)) }
                 elseif ($type.IsArray -and $type.GetElementType().IsEnum) { $valid = @([Enum]::GetNames($type.GetElementType())) }
@@ -108,10 +110,15 @@ function Get-ParameterModel($Command) {
                     FullType       = Get-FullTypeName $type
                     IsSwitch       = $type -eq [System.Management.Automation.SwitchParameter]
                     Aliases        = @($p.Aliases)
-                    Globbing       = @($p.Attributes | Where-Object { $_ -is [System.Management.Automation.SupportsWildcardsAttribute] }).Count -gt 0
+                    Globbing       = $p.Attributes.Where({ $_ -is [System.Management.Automation.SupportsWildcardsAttribute] }).Count -gt 0
                     ValidValues    = $valid
                     IsShouldProcess = $p.Name -in $ShouldProcessParameters
                     Sets           = [System.Collections.Generic.List[object]]::new()
+                    # Merged over the sets, filled in below.
+                    InAllSets      = $false
+                    Mandatory      = $true
+                    Position       = 'Named'
+                    Pipeline       = 'False'
                 }
             }
             $byName[$p.Name].Sets.Add([pscustomobject]@{
@@ -124,29 +131,36 @@ function Get-ParameterModel($Command) {
         }
     }
     foreach ($m in $byName.Values) {
-        $m | Add-Member -NotePropertyName InAllSets -NotePropertyValue ($allSets -or $m.Sets.Count -eq $sets.Count)
-        $m | Add-Member -NotePropertyName Mandatory -NotePropertyValue (@($m.Sets | Where-Object { -not $_.Mandatory }).Count -eq 0)
-        $positional = @($m.Sets | Where-Object { $_.Position -ne 'Named' })
-        $m | Add-Member -NotePropertyName Position -NotePropertyValue $(if ($positional.Count -gt 0) { $positional[0].Position } else { 'Named' })
-        $m | Add-Member -NotePropertyName Pipeline -NotePropertyValue (Get-PipelineText (@($m.Sets | Where-Object ByValue).Count -gt 0) (@($m.Sets | Where-Object ByPropertyName).Count -gt 0))
+        $m.InAllSets = $allSets -or $m.Sets.Count -eq $sets.Count
+        $byValue = $false; $byPropertyName = $false
+        foreach ($s in $m.Sets) {
+            if (-not $s.Mandatory) { $m.Mandatory = $false }
+            if ($m.Position -eq 'Named') { $m.Position = $s.Position }
+            $byValue = $byValue -or $s.ByValue
+            $byPropertyName = $byPropertyName -or $s.ByPropertyName
+        }
+        $m.Pipeline = Get-PipelineText $byValue $byPropertyName
     }
     # ShouldProcess parameters last, as Get-Command and platyPS show them.
-    return @($byName.Values | Where-Object { -not $_.IsShouldProcess }) + @($byName.Values | Where-Object IsShouldProcess)
+    $all = @($byName.Values)
+    $result = @($all.Where({ -not $_.IsShouldProcess })) + @($all.Where({ $_.IsShouldProcess }))
+    $script:ModelCache[$Command.Name] = $result
+    return $result
 }
 
 function Get-OrderedSets($Command) {
     # The default set first, then the others in declaration order.
     $sets = @($Command.ParameterSets)
-    return @($sets | Where-Object IsDefault) + @($sets | Where-Object { -not $_.IsDefault })
+    return @($sets.Where({ $_.IsDefault })) + @($sets.Where({ -not $_.IsDefault }))
 }
 
 function Get-SyntaxParameters($Set) {
     # Parameters of one set in display order: positional by position, then named in declaration order,
     # WhatIf/Confirm last; common parameters left out.
-    $params = @($Set.Parameters | Where-Object { $_.Name -notin $CommonNames })
-    $positional = @($params | Where-Object { $_.Position -ge 0 } | Sort-Object Position)
-    $named = @($params | Where-Object { $_.Position -lt 0 })
-    $should = @($Set.Parameters | Where-Object { $_.Name -in $ShouldProcessParameters } | Sort-Object { $ShouldProcessParameters.IndexOf($_.Name) })
+    $params = @($Set.Parameters.Where({ $_.Name -notin $CommonNames }))
+    $positional = @($params.Where({ $_.Position -ge 0 }) | Sort-Object Position)
+    $named = @($params.Where({ $_.Position -lt 0 }))
+    $should = @(foreach ($n in $ShouldProcessParameters) { $Set.Parameters.Where({ $_.Name -eq $n }) })
     return $positional + $named + $should
 }
 
@@ -194,7 +208,7 @@ function Get-ExpectedYaml($Command, $Model) {
 
 function Get-DocumentedParameters($Command) {
     # The parameters a page must describe: all but the common ones and WhatIf/Confirm.
-    return @(Get-ParameterModel $Command | Where-Object { -not $_.IsShouldProcess })
+    return @((Get-ParameterModel $Command).Where({ -not $_.IsShouldProcess }))
 }
 
 #endregion
@@ -267,28 +281,28 @@ function ConvertTo-Paragraphs($Items) {
     # Text items become paragraphs: blank lines end one, each list item starts one; a fence is one verbatim paragraph.
     $paras = [System.Collections.Generic.List[string]]::new()
     $current = [System.Collections.Generic.List[string]]::new()
-    $flush = {
-        if ($current.Count -gt 0) { $paras.Add((ConvertFrom-InlineMarkdown ($current -join ' '))); $current.Clear() }
-    }
-    foreach ($item in $Items) {
-        if ($item.Kind -eq 'Fence') { . $flush; $paras.Add($item.Text); continue }
+    foreach ($item in @($Items) + @([pscustomobject]@{ Kind = 'End'; Lang = ''; Text = '' })) {
         $line = $item.Text
-        if ($line.Trim() -eq '') { . $flush; continue }
-        if ($line -match '^\s*([-*+]|\d+[.)])\s+') { . $flush }
-        $current.Add($line.Trim())
+        $end = $item.Kind -ne 'Text' -or $line.Trim() -eq '' -or $line -match '^\s*([-*+]|\d+[.)])\s+'
+        if ($end -and $current.Count -gt 0) {
+            $para = ConvertFrom-InlineMarkdown ($current -join ' ')
+            if ($para -ne '') { $paras.Add($para) }
+            $current.Clear()
+        }
+        if ($item.Kind -eq 'Fence') { if ($item.Text.Trim() -ne '') { $paras.Add($item.Text) } }
+        elseif ($item.Kind -eq 'Text' -and $line.Trim() -ne '') { $current.Add($line.Trim()) }
     }
-    . $flush
-    return , @($paras | Where-Object { $_ -ne '' })
+    return , $paras.ToArray()
 }
 
 function Get-SectionItems($Page, [string] $Name) {
-    if ($Page.Sections.Contains($Name)) { return , $Page.Sections[$Name].Items }
-    return , @()
+    # Emits the items (unrolled); wrap calls in @().
+    if ($Page.Sections.Contains($Name)) { $Page.Sections[$Name].Items }
 }
 
 function Get-SectionSubs($Page, [string] $Name) {
-    if ($Page.Sections.Contains($Name)) { return , $Page.Sections[$Name].Subs }
-    return , @()
+    # Emits the '###' subsections (unrolled); wrap calls in @().
+    if ($Page.Sections.Contains($Name)) { $Page.Sections[$Name].Subs }
 }
 
 function Read-Yaml([string] $Text) {
@@ -301,56 +315,60 @@ function Read-Yaml([string] $Text) {
 
 function Get-PageModel($Page) {
     # The prose of a page, as the MAML needs it.
-    $examples = foreach ($sub in Get-SectionSubs $Page 'EXAMPLES') {
-        $code = @($sub.Items | Where-Object Kind -eq 'Fence' | ForEach-Object Text) -join "`n`n"
+    $examples = foreach ($sub in @(Get-SectionSubs $Page 'EXAMPLES')) {
+        $code = @($sub.Items.Where({ $_.Kind -eq 'Fence' }).ForEach('Text')) -join "`n`n"
         [pscustomobject]@{
             Title   = ConvertFrom-InlineMarkdown $sub.Title
             Code    = $code
-            Remarks = ConvertTo-Paragraphs @($sub.Items | Where-Object Kind -eq 'Text')
+            Remarks = ConvertTo-Paragraphs @($sub.Items.Where({ $_.Kind -eq 'Text' }))
         }
     }
     $parameters = [ordered]@{}
-    foreach ($sub in Get-SectionSubs $Page 'PARAMETERS') {
+    foreach ($sub in @(Get-SectionSubs $Page 'PARAMETERS')) {
         if ($sub.Title -notmatch '^-(\S+)') { continue }   # CommonParameters and the like
-        $yaml = @($sub.Items | Where-Object { $_.Kind -eq 'Fence' -and $_.Lang -eq 'yaml' } | ForEach-Object { Read-Yaml $_.Text })
+        $yaml = @(foreach ($f in $sub.Items.Where({ $_.Kind -eq 'Fence' -and $_.Lang -eq 'yaml' })) { Read-Yaml $f.Text })
         $parameters[$Matches[1]] = [pscustomobject]@{
             Name        = $Matches[1]
-            Description = ConvertTo-Paragraphs @($sub.Items | Where-Object { -not ($_.Kind -eq 'Fence' -and $_.Lang -eq 'yaml') })
+            Description = ConvertTo-Paragraphs @($sub.Items.Where({ -not ($_.Kind -eq 'Fence' -and $_.Lang -eq 'yaml') }))
             Yaml        = $yaml
         }
     }
     $types = {
         param($Section)
-        foreach ($sub in Get-SectionSubs $Page $Section) {
+        foreach ($sub in @(Get-SectionSubs $Page $Section)) {
             [pscustomobject]@{ Type = ConvertFrom-InlineMarkdown $sub.Title; Description = ConvertTo-Paragraphs $sub.Items }
         }
     }
-    $links = foreach ($item in Get-SectionItems $Page 'RELATED LINKS') {
+    $links = foreach ($item in @(Get-SectionItems $Page 'RELATED LINKS')) {
         if ($item.Kind -ne 'Text') { continue }
         foreach ($m in [regex]::Matches($item.Text, '\[([^\]]+)\]\(([^)]*)\)')) {
             $uri = if ($m.Groups[2].Value -match '^https?://') { $m.Groups[2].Value } else { '' }
             [pscustomobject]@{ Text = $m.Groups[1].Value; Uri = $uri }
         }
     }
+    $online = if ($Page.FrontMatter.Contains('online version')) { "$($Page.FrontMatter['online version'])".Trim() } else { '' }
+    if ($online -match '^https?://') {
+        # As platyPS does: the first link carries the URI that Get-Help -Online opens.
+        $links = @([pscustomobject]@{ Text = 'Online Version:'; Uri = $online }) + @($links)
+    }
     $notes = [System.Collections.Generic.List[object]]::new()
-    foreach ($item in Get-SectionItems $Page 'NOTES') { $notes.Add($item) }
-    foreach ($sub in Get-SectionSubs $Page 'NOTES') {
+    foreach ($item in @(Get-SectionItems $Page 'NOTES')) { $notes.Add($item) }
+    foreach ($sub in @(Get-SectionSubs $Page 'NOTES')) {
         $notes.Add([pscustomobject]@{ Kind = 'Text'; Lang = ''; Text = '' })
         $notes.Add([pscustomobject]@{ Kind = 'Text'; Lang = ''; Text = $sub.Title })
         $notes.Add([pscustomobject]@{ Kind = 'Text'; Lang = ''; Text = '' })
         foreach ($item in $sub.Items) { $notes.Add($item) }
     }
     return [pscustomobject]@{
-        Synopsis    = ConvertTo-Paragraphs (Get-SectionItems $Page 'SYNOPSIS')
-        Description = ConvertTo-Paragraphs (Get-SectionItems $Page 'DESCRIPTION')
+        Synopsis    = ConvertTo-Paragraphs @(Get-SectionItems $Page 'SYNOPSIS')
+        Description = ConvertTo-Paragraphs @(Get-SectionItems $Page 'DESCRIPTION')
         Examples    = @($examples)
         Parameters  = $parameters
         Inputs      = @(& $types 'INPUTS')
         Outputs     = @(& $types 'OUTPUTS')
         Notes       = ConvertTo-Paragraphs $notes
         Links       = @($links)
-        Syntax      = @(@(Get-SectionItems $Page 'SYNTAX') + @(Get-SectionSubs $Page 'SYNTAX' | ForEach-Object { $_.Items }) |
-                Where-Object Kind -eq 'Fence' | ForEach-Object Text)
+        Syntax      = @((@(Get-SectionItems $Page 'SYNTAX') + @(foreach ($sub in @(Get-SectionSubs $Page 'SYNTAX')) { $sub.Items })).Where({ $_.Kind -eq 'Fence' }).ForEach('Text'))
     }
 }
 
@@ -372,9 +390,12 @@ function Test-HelpPage($Command, $Page, $Model) {
         if ($e.Code.Trim() -eq '') { Add-Problem "${file}: '$($e.Title)' has no code block." }
     }
     $params = @(Get-ParameterModel $Command)
-    $known = @($params | ForEach-Object Name)
-    foreach ($p in $params | Where-Object { -not $_.IsShouldProcess }) {
-        if (-not $Model.Parameters.Contains($p.Name)) { Add-Problem "${file}: parameter -$($p.Name) is not documented (add '### -$($p.Name)' under ## PARAMETERS)." }
+    $known = @($params.ForEach('Name'))
+    foreach ($p in $params.Where({ -not $_.IsShouldProcess })) {
+        if (-not $Model.Parameters.Contains($p.Name)) {
+            $snippet = (Get-ParameterMarkdown $Command $p (Get-DefaultValues $Command)).TrimEnd() -replace '(?m)^', '    '
+            Add-Problem "${file}: parameter -$($p.Name) is not documented. Add under ## PARAMETERS, with a real description:`n$snippet"
+        }
         elseif ($Model.Parameters[$p.Name].Description.Count -eq 0) { Add-Problem "${file}: parameter -$($p.Name) has no description." }
     }
     foreach ($name in $Model.Parameters.Keys) {
@@ -382,9 +403,9 @@ function Test-HelpPage($Command, $Page, $Model) {
     }
 
     # Drift warnings
-    $expectedSyntax = @(Get-OrderedSets $Command | ForEach-Object { Get-SyntaxText $Command $_ })
+    $expectedSyntax = @(foreach ($set in Get-OrderedSets $Command) { Get-SyntaxText $Command $set })
     $norm = { param($s) ($s -replace '\s+', ' ').Trim() }
-    $docSyntax = @($Model.Syntax | ForEach-Object { & $norm $_ })
+    $docSyntax = @(foreach ($s in $Model.Syntax) { & $norm $s })
     foreach ($s in $expectedSyntax) {
         if ((& $norm $s) -notin $docSyntax) { Write-Warning "${file}: the SYNTAX section lacks or differs from: $s" }
     }
@@ -413,7 +434,8 @@ function Test-HelpPage($Command, $Page, $Model) {
 #region Scaffold
 
 function Get-DefaultValues($Command) {
-    # Defaults read from a fresh instance of the cmdlet class; values equal to the type's default count as none.
+    # Defaults read from a fresh instance of the cmdlet class. Zero, False, null and empty count as none; an enum
+    # always shows its value (the author corrects it where the real default depends on other parameters).
     $values = @{}
     try { $instance = [Activator]::CreateInstance($Command.ImplementingType) } catch { return $values }
     foreach ($prop in $Command.ImplementingType.GetProperties()) {
@@ -421,13 +443,33 @@ function Get-DefaultValues($Command) {
         try { $v = $prop.GetValue($instance) } catch { continue }
         if ($null -eq $v) { continue }
         $t = $prop.PropertyType
-        if ($t.IsValueType -and $v -eq [Activator]::CreateInstance($t)) { continue }
+        if ($t.IsValueType -and -not $t.IsEnum -and $v -eq [Activator]::CreateInstance($t)) { continue }   # 0, False: no default worth showing
         if ($v -is [System.Management.Automation.SwitchParameter]) { if ($v.IsPresent) { $values[$prop.Name] = 'True' }; continue }
         if ($v -is [Array] -and $v.Length -eq 0) { continue }
         if ($v -is [string] -and $v -eq '') { continue }
         $values[$prop.Name] = if ($v -is [Array]) { $v -join ', ' } else { "$v" }
     }
     return $values
+}
+
+function Get-ParameterMarkdown($Command, $Model, [hashtable] $Defaults = @{}) {
+    # The '### -Name' part of a page for one parameter: a placeholder description and its yaml block(s).
+    $lines = [System.Collections.Generic.List[string]]::new()
+    $lines.Add("### -$($Model.Name)")
+    $lines.Add($(if ($Model.IsShouldProcess) { $StandardText[$Model.Name] } else { "{{ Fill $($Model.Name) Description }}" }))
+    $lines.Add('')
+    foreach ($y in @(Get-ExpectedYaml $Command $Model)) {
+        if ($Defaults.ContainsKey($Model.Name)) { $y['Default value'] = $Defaults[$Model.Name] }
+        elseif ($Model.IsSwitch) { $y['Default value'] = 'False' }
+        $lines.Add('```yaml')
+        foreach ($key in $y.Keys) {
+            $lines.Add("${key}: $($y[$key])".TrimEnd())
+            if ($key -eq 'Aliases' -or $key -eq 'Accepted values') { $lines.Add('') }
+        }
+        $lines.Add('```')
+        $lines.Add('')
+    }
+    return ($lines -join "`n") + "`n"
 }
 
 function New-HelpPageText($Command, [string] $ModuleName) {
@@ -474,22 +516,7 @@ function New-HelpPageText($Command, [string] $ModuleName) {
     & $add
     $defaults = Get-DefaultValues $Command
     $params = @(Get-ParameterModel $Command | Sort-Object { [int]$_.IsShouldProcess }, Name)
-    foreach ($p in $params) {
-        & $add "### -$($p.Name)"
-        & $add $(if ($p.IsShouldProcess) { $StandardText[$p.Name] } else { "{{ Fill $($p.Name) Description }}" })
-        & $add
-        foreach ($y in @(Get-ExpectedYaml $Command $p)) {
-            if ($defaults.ContainsKey($p.Name)) { $y['Default value'] = $defaults[$p.Name] }
-            elseif ($p.IsSwitch) { $y['Default value'] = 'False' }
-            & $add '```yaml'
-            foreach ($key in $y.Keys) {
-                & $add ("${key}: $($y[$key])".TrimEnd())
-                if ($key -eq 'Aliases' -or ($key -eq 'Accepted values')) { & $add }
-            }
-            & $add '```'
-            & $add
-        }
-    }
+    foreach ($p in $params) { [void]$sb.Append((Get-ParameterMarkdown $Command $p $defaults)) }
     & $add '### CommonParameters'
     & $add 'This cmdlet supports the common parameters: -Debug, -ErrorAction, -ErrorVariable, -InformationAction, -InformationVariable, -OutBuffer, -OutVariable, -PipelineVariable, -ProgressAction, -Verbose, -WarningAction, and -WarningVariable. For more information, see [about_CommonParameters](http://go.microsoft.com/fwlink/?LinkID=113216).'
     & $add
@@ -598,7 +625,7 @@ function Write-MamlCommand([System.Xml.XmlWriter] $W, $Command, $Model) {
         $W.WriteElementString('maml', 'name', $NsMaml, $Command.Name)
         foreach ($sp in Get-SyntaxParameters $set) {
             $m = $byName[$sp.Name]
-            $info = @($m.Sets | Where-Object Set -eq $set.Name)[0]
+            $info = $m.Sets.Where({ $_.Set -eq $set.Name }, 'First')[0]
             Write-MamlParameter $W $m $info $descriptions[$m.Name] $defaults[$m.Name]
         }
         $W.WriteEndElement()
@@ -637,6 +664,7 @@ function Write-MamlCommand([System.Xml.XmlWriter] $W, $Command, $Model) {
         $W.WriteElementString('dev', 'code', $NsDev, $e.Code)
         $W.WriteStartElement('dev', 'remarks', $NsDev)
         foreach ($r in @($e.Remarks)) { $W.WriteElementString('maml', 'para', $NsMaml, $r) }
+        $W.WriteElementString('maml', 'para', $NsMaml, '')   # a blank line before the next example
         $W.WriteEndElement()
         $W.WriteEndElement()
     }

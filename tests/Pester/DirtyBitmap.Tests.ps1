@@ -115,11 +115,25 @@ Describe 'New-DirtyBitmap' {
         @(Get-DirtyBitmap -Node $node.Name).Count | Should -Be 0
     }
 
-    It 'refuses -Persistent on a raw node with PersistenceNotSupported, naming node and bitmap' {
-        $e = Assert-BlockError { New-DirtyBitmap -Node $node.Name -Name keep -Persistent -ErrorAction Stop } `
-            -ErrorId "PersistenceNotSupported,$Cmd" -MessageContains "'$($node.Name)'", "'keep'" -Category NotImplemented
+    It 'keeps a -Persistent bitmap of a raw node in the sidecar file across close and reopen' {
+        $b = New-DirtyBitmap -Node $node.Name -Name keep -Persistent -Granularity 4KB
+        $b.Persistent | Should -BeTrue
+        Write-BlockNode -Node $node.Name -Offset 8KB -Pattern 1 -Length 8KB -Confirm:$false
+        Test-Path ($node.Path + '.bitmaps') | Should -BeTrue
+        Close-BlockNode -Node $node.Name -Confirm:$false
+        $again = Open-BlockNode -Path $node.Path -Name $node.Name
+        $kept = Get-DirtyBitmap -Node $again.Name -Name keep
+        $kept.Persistent | Should -BeTrue
+        $kept.Inconsistent | Should -BeFalse
+        Get-RangeText -Node $again.Name -Name keep | Should -Be @('8192+8192')
+    }
+
+    It 'refuses -Persistent on a read-only node with PersistenceNotSupported, naming node and bitmap' {
+        $ro = New-TestNode -ReadOnly
+        $e = Assert-BlockError { New-DirtyBitmap -Node $ro.Name -Name keep -Persistent -ErrorAction Stop } `
+            -ErrorId "PersistenceNotSupported,$Cmd" -MessageContains "'$($ro.Name)'", "'keep'" -Category InvalidOperation
         $e.TargetObject | Should -BeExactly 'keep'
-        @(Get-DirtyBitmap -Node $node.Name).Count | Should -Be 0
+        @(Get-DirtyBitmap -Node $ro.Name).Count | Should -Be 0
     }
 
     It 'refuses an unknown node with NodeNotFound' {

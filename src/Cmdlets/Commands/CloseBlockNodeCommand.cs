@@ -11,7 +11,7 @@ public sealed class CloseBlockNodeCommand : BitmapBackupCmdlet
     #region Parameters
 
     /// <summary>The nodes to close: names or node objects.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]

@@ -12,7 +12,7 @@ public sealed class ReadBlockNodeCommand : BitmapBackupCmdlet
     #region Parameters
 
     /// <summary>The node to read: a name or a node object.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]

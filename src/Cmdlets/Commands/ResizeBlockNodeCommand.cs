@@ -11,7 +11,7 @@ public sealed class ResizeBlockNodeCommand : BitmapBackupCmdlet
     #region Parameters
 
     /// <summary>The node to resize: a name or a node object.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]

@@ -17,7 +17,7 @@ public sealed class WriteBlockNodeCommand : BitmapBackupCmdlet
     #region Parameters
 
     /// <summary>The node to write: a name or a node object.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]

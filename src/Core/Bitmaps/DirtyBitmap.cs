@@ -179,6 +179,17 @@ public sealed class DirtyBitmap
         }
     }
 
+    /// <summary>Take bits loaded from the image; a bitmap of another length (the image was resized) is fitted.</summary>
+    internal void LoadBits(HierarchicalBitmap bits)
+    {
+        lock (Node.Sync)
+        {
+            if (bits.Length != _bits.Length)
+                bits.Resize(_bits.Length);
+            _bits = bits;
+        }
+    }
+
     /// <summary>Put back bits returned by <see cref="Clear"/> or <see cref="MergeFrom"/> (transaction rollback).</summary>
     public void Restore(HierarchicalBitmap bits)
     {

@@ -1,6 +1,7 @@
 using System.Text;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Formats.Raw;
+using BitmapBackup.Core.Persistence;
 
 namespace BitmapBackup.Core.Nodes;
 
@@ -67,12 +68,31 @@ public sealed class BlockEngine
             if (name is not null && _nodes.ContainsKey(name))
                 Throw.Block(ErrorIds.NodeNameInUse, BlockErrorCategory.ResourceExists, $"Node name '{name}' is already in use.", name);
             name ??= UniqueName(DefaultName(fullPath));
-            IBlockImage image = RawImage.Open(fullPath, readOnly);
-            var node = new BlockNode(name, image);
+            IBlockImage image = OpenImage(fullPath, readOnly);
+            var node = new BlockNode(name, image, StoreFor(image));
+            try
+            {
+                node.LoadPersistentBitmaps();
+            }
+            catch
+            {
+                image.Dispose();
+                throw;
+            }
             _nodes.Add(name, node);
             return node;
         }
     }
+
+    /// <summary>Open an image file with the driver of its format.</summary>
+    public static IBlockImage OpenImage(string path, bool readOnly) => RawImage.Open(path, readOnly);
+
+    /// <summary>Where an image keeps persistent bitmaps.</summary>
+    public static IBitmapStore? StoreFor(IBlockImage image) => image switch
+    {
+        RawImage raw => new RawBitmapSidecar(raw.Path),
+        _ => null,
+    };
 
     public BlockNode? Find(string name)
     {

@@ -1,5 +1,6 @@
 using BitmapBackup.Core.Bitmaps;
 using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Persistence;
 
 namespace BitmapBackup.Core.Nodes;
 
@@ -21,11 +22,15 @@ public sealed class BlockNode : IDisposable
     private IWriteInterceptor[] _interceptors = [];
     private bool _closed;
 
-    internal BlockNode(string name, IBlockImage image)
+    internal BlockNode(string name, IBlockImage image, IBitmapStore? store = null)
     {
         Name = name;
         Image = image;
+        Store = store;
     }
+
+    /// <summary>Where the image keeps persistent bitmaps, or null when its format cannot.</summary>
+    public IBitmapStore? Store { get; }
 
     public string Name { get; }
 
@@ -239,17 +244,76 @@ public sealed class BlockNode : IDisposable
         DirtyBitmapLimits.CheckName(name, Name);
         long g = granularity ?? DirtyBitmapLimits.DefaultGranularity(ClusterSize);
         DirtyBitmapLimits.CheckGranularity(g, Name, name);
-        if (persistent)
-            Throw.Block(ErrorIds.PersistenceNotSupported, BlockErrorCategory.NotImplemented,
-                $"Can't store persistent bitmap '{name}' in node '{Name}': {Format} images cannot store persistent bitmaps yet.", name);
         lock (Sync)
         {
             if (FindLocked(name) is not null)
                 Throw.Block(ErrorIds.BitmapAlreadyExists, BlockErrorCategory.ResourceExists, $"Bitmap '{name}' already exists on node '{Name}'.", name);
+            if (persistent)
+                CheckCanPersist(name, g);
             var bitmap = new DirtyBitmap(this, name, g, disabled, persistent);
             AttachLocked(bitmap);
+            if (persistent)
+            {
+                try
+                {
+                    Store!.MarkInUse(PersistentLocked()); // a crash from now on leaves it inconsistent, not absent
+                }
+                catch
+                {
+                    DetachLocked(bitmap);
+                    throw;
+                }
+            }
             return bitmap;
         }
+    }
+
+    private void CheckCanPersist(string name, long granularity)
+    {
+        if (Store is null)
+            Throw.Block(ErrorIds.PersistenceNotSupported, BlockErrorCategory.NotImplemented,
+                $"Can't make bitmap '{name}' persistent in node '{Name}': {Format} images of this kind cannot store bitmaps.", name);
+        if (ReadOnly)
+            Throw.Block(ErrorIds.PersistenceNotSupported, BlockErrorCategory.InvalidOperation,
+                $"Can't make bitmap '{name}' persistent in node '{Name}': the node is open read-only, so the bitmap could never be stored.", name);
+        Store.CheckCanStore(name, granularity, PersistentLocked());
+    }
+
+    private DirtyBitmap[] PersistentLocked() => _bitmaps.Where(b => b.Persistent && b.Name is not null).ToArray();
+
+    /// <summary>
+    /// Load the bitmaps stored in the image (at open). Opened for writing, they are marked in use on disk at
+    /// once; one found in use already (its last writer crashed) loads inconsistent.
+    /// </summary>
+    internal void LoadPersistentBitmaps()
+    {
+        if (Store is null)
+            return;
+        lock (Sync)
+        {
+            foreach (StoredBitmap stored in Store.Load())
+            {
+                var bitmap = new DirtyBitmap(this, stored.Name, stored.Granularity, disabled: !stored.Auto || stored.InUse, persistent: true)
+                {
+                    Inconsistent = stored.InUse,
+                    ReadOnly = ReadOnly,
+                };
+                if (stored.Bits is { } bits)
+                    bitmap.LoadBits(bits);
+                AttachLocked(bitmap);
+            }
+            if (!ReadOnly && _bitmaps.Count > 0)
+                Store.MarkInUse(PersistentLocked());
+        }
+    }
+
+    /// <summary>Write persistent bitmaps with their bits (clean close).</summary>
+    private void StorePersistentBitmaps()
+    {
+        if (Store is null || ReadOnly)
+            return;
+        lock (Sync)
+            Store.Store(PersistentLocked());
     }
 
     public DirtyBitmap? FindBitmap(string name)
@@ -271,6 +335,18 @@ public sealed class BlockNode : IDisposable
                 Throw.Block(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound, $"Dirty bitmap '{bitmap.Name}' not found on node '{Name}'.", bitmap.Name);
             bitmap.Check(BitmapUse.Remove);
             DetachLocked(bitmap);
+            if (bitmap.Persistent && Store is not null && !ReadOnly)
+            {
+                try
+                {
+                    Store.MarkInUse(PersistentLocked()); // gone from the image at once, as in QEMU
+                }
+                catch
+                {
+                    AttachLocked(bitmap);
+                    throw;
+                }
+            }
         }
     }
 
@@ -353,6 +429,7 @@ public sealed class BlockNode : IDisposable
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
                         $"Node '{Name}' cannot be closed while bitmap '{busy.Name}' is in use by a backup.", Name);
             }
+            StorePersistentBitmaps();
             if (!ReadOnly)
                 Image.Flush();
             Volatile.Write(ref _closed, true);
