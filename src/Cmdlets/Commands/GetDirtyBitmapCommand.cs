@@ -2,22 +2,32 @@ using System.Management.Automation;
 using BitmapBackup.Core.Bitmaps;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Nodes;
+using BitmapBackup.Core.Persistence;
 
 namespace BitmapBackup;
 
 /// <summary>Get-DirtyBitmap: lists dirty bitmaps of one node or of every open node (QEMU's query-named-block-nodes).</summary>
-[Cmdlet(VerbsCommon.Get, "DirtyBitmap")]
-[OutputType(typeof(DirtyBitmapInfo))]
+[Cmdlet(VerbsCommon.Get, "DirtyBitmap", DefaultParameterSetName = NodeSet)]
+[OutputType(typeof(DirtyBitmapInfo), ParameterSetName = [NodeSet])]
+[OutputType(typeof(StoredBitmapInfo), ParameterSetName = [PathSet])]
 public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
 {
+    private const string NodeSet = "Node";
+    private const string PathSet = "Path";
+
     #region Parameters
 
     /// <summary>The node whose bitmaps to list: a name or a node object. All open nodes when omitted.</summary>
-    [Parameter(ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
+    [Parameter(ParameterSetName = NodeSet, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]
     public string? Node { get; set; }
+
+    /// <summary>An image file that is not open: list the bitmaps stored in it, without changing it.</summary>
+    [Parameter(Mandatory = true, ParameterSetName = PathSet)]
+    [ValidateNotNullOrEmpty]
+    public string Path { get; set; } = null!;
 
     /// <summary>Bitmap names to get; wildcards allowed. All bitmaps when omitted.</summary>
     [Parameter(Position = 0)]
@@ -32,6 +42,11 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
+        if (ParameterSetName == PathSet)
+        {
+            WriteStored(ResolveFilePath(Path));
+            return;
+        }
         IReadOnlyList<BlockNode> nodes;
         if (Node is not null)
         {
@@ -61,6 +76,27 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
                 WriteError(ErrorRecordFactory.From(new BlockException(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound,
                     $"Dirty bitmap '{pattern}' not found on {where}.", pattern)));
             }
+        }
+    }
+
+    #endregion
+
+    #region Private methods
+
+    private void WriteStored(string path)
+    {
+        IReadOnlyList<StoredBitmap> stored = [];
+        if (!TryRun(() => stored = Engine.ReadStoredBitmaps(path)))
+            return;
+        foreach (string pattern in Name ?? ["*"])
+        {
+            var matcher = new NameMatcher(pattern);
+            StoredBitmap[] found = stored.Where(b => matcher.IsMatch(b.Name)).ToArray();
+            foreach (StoredBitmap bitmap in found)
+                WriteObject(new StoredBitmapInfo(path, bitmap));
+            if (found.Length == 0 && !matcher.IsPattern)
+                WriteError(ErrorRecordFactory.From(new BlockException(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound,
+                    $"Dirty bitmap '{pattern}' is not stored in image '{path}'.", pattern)));
         }
     }
 

@@ -87,6 +87,19 @@ public sealed class BlockEngine
     /// <summary>Open an image file with the driver of its format.</summary>
     public static IBlockImage OpenImage(string path, bool readOnly) => RawImage.Open(path, readOnly);
 
+    /// <summary>
+    /// The bitmaps stored in an image, read without changing it. An image open here is read through its node's
+    /// store (its stored state: in use while open).
+    /// </summary>
+    public IReadOnlyList<StoredBitmap> ReadStoredBitmaps(string path)
+    {
+        string fullPath = System.IO.Path.GetFullPath(path);
+        if (Nodes.FirstOrDefault(n => n.Path == fullPath) is { Store: { } open })
+            return open.Load();
+        using IBlockImage image = OpenImage(fullPath, readOnly: true);
+        return StoreFor(image)?.Load() ?? [];
+    }
+
     /// <summary>Where an image keeps persistent bitmaps.</summary>
     public static IBitmapStore? StoreFor(IBlockImage image) => image switch
     {

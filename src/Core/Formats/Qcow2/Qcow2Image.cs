@@ -341,7 +341,7 @@ public sealed partial class Qcow2Image : IBlockImage
         {
             if (victim.Dirty)
             {
-                //MUTANT _refcounts.Flush();
+                _refcounts.Flush();
                 _file.Write(victim.Offset, victim.Data);
                 _l2WrittenSinceSync = true;
             }
@@ -353,13 +353,13 @@ public sealed partial class Qcow2Image : IBlockImage
 
     private void CheckOpen() => ObjectDisposedException.ThrowIf(_disposed, this);
 
-    /// <summary>Test hook: hold at most <paramref name="tables"/> L2 tables and refcount blocks, to exercise eviction.</summary>
-    internal void LimitCaches(int tables)
+    /// <summary>Test hook: hold at most this many L2 tables and refcount blocks, to exercise eviction.</summary>
+    internal void LimitCaches(int l2Tables, int refcountBlocks)
     {
         lock (_sync)
         {
-            _l2Cache.Capacity = tables;
-            _refcounts.Cache.Capacity = tables;
+            _l2Cache.Capacity = l2Tables;
+            _refcounts.Cache.Capacity = refcountBlocks;
         }
     }
 
