@@ -15,6 +15,8 @@ public static class ImageProbe
     public const int ProbeLength = 4;
 
     /// <summary>The format of the image file at <paramref name="path"/>.</summary>
+    /// <remarks>Reading takes a shared lock, so an image open for writing (here or in another process using the
+    /// engine's locks) cannot be probed: ImageInUse.</remarks>
     /// <exception cref="BlockException">ImageNotFound, ImageInUse, ImageIOFailed.</exception>
     public static ImageFormat Detect(string path)
     {

@@ -57,12 +57,6 @@ internal sealed class Qcow2ClusterCache
         if (_map.Remove(offset, out LinkedListNode<CachedCluster>? node))
             _lru.Remove(node);
     }
-
-    public void Clear()
-    {
-        _map.Clear();
-        _lru.Clear();
-    }
 }
 
 /// <summary>One cached metadata cluster.</summary>

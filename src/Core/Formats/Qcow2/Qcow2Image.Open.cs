@@ -79,11 +79,13 @@ public sealed partial class Qcow2Image
         {
             if (header.BackingFileSize > Qcow2Limits.MaxBackingFileNameLength)
                 Qcow2Errors.Corrupt(path, $"the backing file name is {header.BackingFileSize} bytes long (at most {Qcow2Limits.MaxBackingFileNameLength})");
-            if (header.BackingFileOffset < header.HeaderLength || header.BackingFileOffset + header.BackingFileSize > (ulong)cs
-                || header.BackingFileOffset + header.BackingFileSize > (ulong)fileLength)
+            if (header.BackingFileOffset < header.HeaderLength || header.BackingFileOffset > (ulong)cs
+                || header.BackingFileOffset + header.BackingFileSize > (ulong)Math.Min(cs, fileLength))
                 Qcow2Errors.Corrupt(path, $"the backing file name at offset {header.BackingFileOffset} ({header.BackingFileSize} bytes) is not inside the first cluster after the header");
             if (header.BackingFileSize > 0)
                 backingFile = Encoding.UTF8.GetString(cluster0, (int)header.BackingFileOffset, (int)header.BackingFileSize);
+            if (backingFile is not null && backingFile.Contains('\0', StringComparison.Ordinal))
+                Qcow2Errors.Corrupt(path, "the backing file name contains a NUL byte");
             extensionsEnd = Math.Min(extensionsEnd, (long)header.BackingFileOffset);
         }
         Qcow2HeaderExtensions extensions = Qcow2HeaderExtensions.ReadFrom(
@@ -125,13 +127,14 @@ public sealed partial class Qcow2Image
         var refcountTable = Qcow2RefcountTable.Load(file, (long)header.RefcountTableOffset, (int)header.RefcountTableClusters, cb);
         for (int i = 0; i < refcountTable.Count; i++)
         {
-            long block = refcountTable.BlockOffset(i);
-            if (block == 0)
+            ulong raw = refcountTable.RawEntry(i);
+            if (raw == 0)
                 continue;
-            if ((refcountTable.RawEntry(i) & 0x1FF) != 0 || (block & (cs - 1)) != 0)
-                Qcow2Errors.Corrupt(path, $"refcount table entry {i} ({refcountTable.RawEntry(i):x}) is not a cluster-aligned offset");
-            if (block >= fileLength)
-                Qcow2Errors.Corrupt(path, $"refcount block {i} at offset {block} is past the end of the file ({fileLength} bytes)");
+            if ((raw & (ulong)(cs - 1)) != 0)
+                Qcow2Errors.Corrupt(path, $"refcount table entry {i} ({raw:x}) is not a cluster-aligned offset");
+            if (raw >= (ulong)fileLength)
+                Qcow2Errors.Corrupt(path, $"refcount block {i} at offset {raw} is past the end of the file ({fileLength} bytes)");
+            long block = (long)raw;
             if (regions.Describe(block >> cb) is { } what)
                 Qcow2Errors.Corrupt(path, $"refcount block {i} at offset {block} overlaps {what}");
             regions.AddRefcountBlock(block >> cb);
@@ -276,7 +279,16 @@ public sealed partial class Qcow2Image
         if (name.StartsWith("json:", StringComparison.Ordinal))
             Qcow2Errors.Unsupported(Path, $"a json: backing file specification ('{name}')");
         string folder = System.IO.Path.GetDirectoryName(Path) ?? "/";
-        string backingPath = System.IO.Path.GetFullPath(System.IO.Path.IsPathRooted(name) ? name : System.IO.Path.Combine(folder, name));
+        string backingPath;
+        try
+        {
+            backingPath = System.IO.Path.GetFullPath(System.IO.Path.IsPathRooted(name) ? name : System.IO.Path.Combine(folder, name));
+        }
+        catch (Exception e) when (e is ArgumentException or IOException or NotSupportedException)
+        {
+            throw new BlockException(ErrorIds.BackingFileNotFound, BlockErrorCategory.ObjectNotFound,
+                $"The backing file name '{name}' of image '{Path}' is not a usable path: {e.Message}", Path, e);
+        }
         if (chain.Contains(backingPath))
             Throw.Block(ErrorIds.BackingChainLoop, BlockErrorCategory.InvalidData,
                 $"The backing chain of '{Path}' loops: '{backingPath}' is already part of the chain.", Path);

@@ -201,26 +201,39 @@ public sealed partial class Qcow2Image
         return true;
     }
 
-    /// <summary>Drop this image's reference to the host clusters behind an entry that was just replaced.</summary>
+    /// <summary>
+    /// Drop this image's reference to the host clusters behind an entry that was just replaced. Data never lives in
+    /// metadata clusters; an entry claiming so is corruption, and its refcounts are left alone.
+    /// </summary>
     private void FreeEntry(Qcow2L2Entry entry, Qcow2ClusterKind kind)
     {
         switch (kind)
         {
             case Qcow2ClusterKind.Normal:
-                _allocator!.QueueFree(entry.HostOffset, _clusterSize);
+                FreeData(entry.HostOffset, _clusterSize);
                 break;
             case Qcow2ClusterKind.Zero when entry.HostOffset != 0:
                 if ((entry.HostOffset & (_clusterSize - 1)) != 0)
                     Qcow2Errors.Corrupt(Path, $"a zero cluster keeps host offset {entry.HostOffset}, which is not cluster aligned");
-                _allocator!.QueueFree(entry.HostOffset, _clusterSize);
+                FreeData(entry.HostOffset, _clusterSize);
                 break;
             case Qcow2ClusterKind.Compressed:
                 (long offset, long length) = entry.GetCompressedSectors(_clusterBits);
                 if (offset + length > Qcow2Limits.MaxHostOffset)
                     Qcow2Errors.Corrupt(Path, $"a compressed cluster at offset {offset} is past the largest host offset");
-                _allocator!.QueueFree(offset, length);
+                FreeData(offset, length);
                 break;
         }
+    }
+
+    private void FreeData(long offset, long length)
+    {
+        for (long c = offset >> _clusterBits; c <= (offset + length - 1) >> _clusterBits; c++)
+        {
+            if (_regions.Describe(c) is { } what)
+                Qcow2Errors.Corrupt(Path, $"guest data at host offset {offset} overlaps {what}");
+        }
+        _allocator!.QueueFree(offset, length);
     }
 
     /// <summary>

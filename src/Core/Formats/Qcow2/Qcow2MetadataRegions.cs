@@ -47,11 +47,7 @@ internal sealed class Qcow2MetadataRegions
 
     public void RemoveL2Table(long cluster) => _l2Tables.Remove(cluster);
 
-    public bool IsL2Table(long cluster) => _l2Tables.Contains(cluster);
-
     public bool AddRefcountBlock(long cluster) => _refcountBlocks.Add(cluster);
-
-    public bool IsRefcountBlock(long cluster) => _refcountBlocks.Contains(cluster);
 
     /// <summary>What metadata the cluster holds, or null when it holds none.</summary>
     public string? Describe(long cluster)

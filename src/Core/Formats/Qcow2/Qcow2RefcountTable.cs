@@ -51,7 +51,7 @@ internal sealed class Qcow2RefcountTable
         return new Qcow2RefcountTable(offset, clusters, entries);
     }
 
-    /// <summary>The table's bytes as a new table of <paramref name="clusters"/> clusters, with extra entries set.</summary>
+    /// <summary>The entries, copied into an array of <paramref name="count"/> (new entries 0), for a larger table.</summary>
     public ulong[] CopyEntries(int count)
     {
         var entries = new ulong[count];
@@ -59,6 +59,7 @@ internal sealed class Qcow2RefcountTable
         return entries;
     }
 
+    /// <summary>Entries as big-endian bytes, zero-padded to <paramref name="length"/>.</summary>
     public static byte[] Serialize(ulong[] entries, int length)
     {
         var bytes = new byte[length];

@@ -74,8 +74,6 @@ internal sealed class Qcow2Refcounts
             Table.SetBlockOffset(tableIndex, blockOffset);
     }
 
-    public bool IsDirty => Table.IsDirty || _writtenSinceSync || _cache.Entries.Any(e => e.Dirty);
-
     /// <summary>Write dirty blocks, fsync, write changed table entries, fsync. Returns whether anything was synced.</summary>
     public bool Flush()
     {
@@ -102,9 +100,6 @@ internal sealed class Qcow2Refcounts
         }
         return synced;
     }
-
-    /// <summary>Forget cached blocks (after the table moved, blocks stay valid, so this is only for tests and close).</summary>
-    public void DropCache() => _cache.Clear();
 
     private CachedCluster Load(long blockOffset)
     {
