@@ -10,7 +10,7 @@
     CompatiblePSEditions = @('Core')
     FormatsToProcess     = @('BitmapBackup.format.ps1xml')
     CmdletsToExport      = @(
-        'New-BlockImage', 'Open-BlockNode', 'Get-BlockNode', 'Close-BlockNode', 'Resize-BlockNode',
+        'New-BlockImage', 'Get-BlockImage', 'Open-BlockNode', 'Get-BlockNode', 'Close-BlockNode', 'Resize-BlockNode',
         'Write-BlockNode', 'Read-BlockNode',
         'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
         'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange',

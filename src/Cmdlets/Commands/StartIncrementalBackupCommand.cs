@@ -123,7 +123,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
             if (Wait)
                 throw Terminate(new BlockException(ErrorIds.TransactionActionInvalid, BlockErrorCategory.InvalidArgument,
                     $"Start-IncrementalBackup -Wait cannot run inside Invoke-BitmapTransaction: the backup of node '{node.Name}' starts when the transaction commits; wait for the job it returns.", node.Name));
-            var action = new StartBackupAction(request, BackupTargets.Options);
+            var action = new StartBackupAction(request);
             string line = MyInvocation.Line;
             string? jobName = JobName;
             scope.Enqueue(this, action, cmdlet => StartAsPSJob((PSCmdlet)cmdlet, action.Job!, line, jobName));
@@ -132,7 +132,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
         BackupJob job;
         try
         {
-            job = BackupJob.Prepare(request, BackupTargets.Options);
+            job = BackupJob.Prepare(request);
             using (node.Quiesce())
                 job.Freeze();
         }

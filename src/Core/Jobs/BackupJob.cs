@@ -123,8 +123,9 @@ public sealed class BackupJob
     #region Creation
 
     /// <summary>Check, create the target and set up a job; nothing on the source changes yet.</summary>
-    public static BackupJob Prepare(BackupRequest request, BackupTargetOptions targetOptions)
+    public static BackupJob Prepare(BackupRequest request, BackupTargetOptions? targetOptions = null)
     {
+        targetOptions ??= BackupTargets.For(request.ClusterSize, request.BackingFile);
         ValidatedBackup spec = ValidatedBackup.Check(request);
         BackupRequest r = spec.Request;
         BackupTarget target = r.UseExistingTarget
@@ -193,7 +194,7 @@ public sealed class BackupJob
     }
 
     /// <summary>Prepare, freeze at once and run: the usual way to start one backup.</summary>
-    public static BackupJob Start(BackupRequest request, BackupTargetOptions targetOptions)
+    public static BackupJob Start(BackupRequest request, BackupTargetOptions? targetOptions = null)
     {
         BackupJob job = Prepare(request, targetOptions);
         try

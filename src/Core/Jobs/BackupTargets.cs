@@ -1,8 +1,25 @@
+using BitmapBackup.Core.Nodes;
+
 namespace BitmapBackup.Core.Jobs;
 
-/// <summary>The engine's way of making and opening backup targets, per format.</summary>
+/// <summary>The engine's way of making and opening backup targets: qcow2 (with backing files) or raw.</summary>
 public static class BackupTargets
 {
-    // TODO(qcow2): create qcow2 targets (with backing file) and probe existing targets once the driver lands.
-    public static BackupTargetOptions Options { get; } = new();
+    /// <summary>Targets with the given qcow2 cluster size and backing file (the previous backup).</summary>
+    public static BackupTargetOptions For(int? clusterSize, string? backingFile) => new()
+    {
+        Create = (path, format, size) =>
+        {
+            if (backingFile is not null && format == ImageFormat.Qcow2)
+            {
+                string backing = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, backingFile);
+                if (!File.Exists(backing))
+                    Errors.Throw.Block(Errors.ErrorIds.BackingFileNotFound, Errors.BlockErrorCategory.ObjectNotFound,
+                        $"Backing file '{backingFile}' of backup '{path}' does not exist (looked for '{backing}'; a relative name is relative to the target's folder).", backingFile);
+            }
+            BlockEngine.CreateImage(path, size, format, format == ImageFormat.Qcow2 ? clusterSize : null, backingFile);
+        },
+        Open = (path, _) => BlockEngine.OpenImage(path, readOnly: false),
+        OpenExisting = path => BlockEngine.OpenImage(path, readOnly: false),
+    };
 }

@@ -231,7 +231,7 @@ internal sealed class BlockCopier : IWriteInterceptor
         IReadOnlyList<AllocationExtent> extents;
         try
         {
-            extents = _source.GetAllocation(offset, end - offset);
+            extents = _policy.SkipUnallocated ? _source.GetChainAllocation(offset, end - offset) : _source.GetAllocation(offset, end - offset);
         }
         catch (BlockException e)
         {

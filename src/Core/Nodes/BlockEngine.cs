@@ -1,5 +1,7 @@
 using System.Text;
 using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Formats;
+using BitmapBackup.Core.Formats.Qcow2;
 using BitmapBackup.Core.Formats.Raw;
 using BitmapBackup.Core.Persistence;
 
@@ -29,19 +31,31 @@ public sealed class BlockEngine
         }
     }
 
-    /// <summary>Create a new image file. Only raw images so far.</summary>
-    public static void CreateImage(string path, long size, ImageFormat format = ImageFormat.Raw)
+    /// <summary>
+    /// Create a new image file: a sparse raw file, or a qcow2 v3 image, optionally an overlay on a backing file
+    /// (relative names are relative to the new image's folder, as in qemu-img). A size of 0 with a backing file
+    /// takes the backing image's size.
+    /// </summary>
+    public static void CreateImage(string path, long size, ImageFormat format = ImageFormat.Raw, int? clusterSize = null, string? backingFile = null)
     {
-        CheckImageSize(size, path);
-        switch (format)
+        string fullPath = System.IO.Path.GetFullPath(path);
+        if (format == ImageFormat.Raw)
         {
-            case ImageFormat.Raw:
-                RawImage.Create(path, size);
-                break;
-            default:
-                Throw.Block(ErrorIds.UnsupportedFormat, BlockErrorCategory.NotImplemented, $"Creating {format} images is not supported yet ('{path}').", path);
-                break;
+            if (clusterSize is not null || backingFile is not null)
+                Throw.Block(ErrorIds.UnsupportedFormat, BlockErrorCategory.InvalidArgument,
+                    $"A raw image has no {(backingFile is not null ? "backing file" : "cluster size")}: create '{fullPath}' as qcow2.", fullPath);
+            CheckImageSize(size, fullPath);
+            RawImage.Create(fullPath, size);
+            return;
         }
+        if (size == 0 && backingFile is not null)
+        {
+            string backing = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(fullPath)!, backingFile);
+            using IBlockImage image = ImageProbe.Open(backing, readOnly: true);
+            size = image.Size;
+        }
+        CheckImageSize(size, fullPath);
+        Qcow2Image.Create(fullPath, size, clusterSize ?? Qcow2Image.DefaultClusterSize, backingFile);
     }
 
     /// <summary>Sizes are positive multiples of 512 bytes, as qemu-img rounds them.</summary>
@@ -85,7 +99,7 @@ public sealed class BlockEngine
     }
 
     /// <summary>Open an image file with the driver of its format.</summary>
-    public static IBlockImage OpenImage(string path, bool readOnly) => RawImage.Open(path, readOnly);
+    public static IBlockImage OpenImage(string path, bool readOnly) => ImageProbe.Open(path, readOnly);
 
     /// <summary>
     /// The bitmaps stored in an image, read without changing it. An image open here is read through its node's

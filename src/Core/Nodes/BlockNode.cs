@@ -145,6 +145,15 @@ public sealed class BlockNode : IDisposable
         return len == 0 ? [] : Merge(Image.GetAllocation(offset, len)).ToArray();
     }
 
+    /// <summary>Allocation through the whole backing chain (<see cref="ChainAllocation"/>).</summary>
+    public IReadOnlyList<AllocationExtent> GetChainAllocation(long offset = 0, long? length = null)
+    {
+        CheckOpen();
+        long len = length ?? Size - offset;
+        CheckRange(offset, len);
+        return len == 0 ? [] : Merge(ChainAllocation.Of(Image, offset, len)).ToArray();
+    }
+
     private static IEnumerable<AllocationExtent> Merge(IEnumerable<AllocationExtent> extents)
     {
         AllocationExtent? pending = null;

@@ -7,7 +7,7 @@ namespace BitmapBackup.Core.Transactions.Actions;
 /// Start a backup: prepare creates the target and freezes the point in time; commit starts copying; abort
 /// cancels the job before it copied anything (target deleted, bitmap reclaimed).
 /// </summary>
-public sealed class StartBackupAction(BackupRequest request, BackupTargetOptions targetOptions) : ITransactionAction
+public sealed class StartBackupAction(BackupRequest request, BackupTargetOptions? targetOptions = null) : ITransactionAction
 {
     public string Description => $"back up node '{request.Source.Name}' to '{request.Target}'";
 
