@@ -168,6 +168,13 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
     private void RunInForeground(BackupJob job)
     {
         _waitingFor = job;
+        RunInForeground(this, job);
+        _waitingFor = null;
+    }
+
+    /// <summary>Run a frozen job on this pipeline with a progress bar; write its result or its error as a terminating error.</summary>
+    internal static void RunInForeground(PSCmdlet cmdlet, BackupJob job)
+    {
         job.Run();
         var progress = new ProgressRecord(1, $"Backup of node '{job.Source.Name}'", "Starting");
         while (!job.Completion.Wait(TimeSpan.FromMilliseconds(200)))
@@ -175,14 +182,13 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
             long total = job.BytesTotal;
             progress.PercentComplete = total == 0 ? 0 : (int)Math.Min(100, job.BytesDone * 100 / total);
             progress.StatusDescription = $"{job.Status}: {job.BytesDone:N0} of {total:N0} bytes";
-            WriteProgress(progress);
+            cmdlet.WriteProgress(progress);
         }
         progress.RecordType = ProgressRecordType.Completed;
-        WriteProgress(progress);
-        _waitingFor = null;
+        cmdlet.WriteProgress(progress);
         if (job.Error is { } error)
-            throw Terminate(error);
-        WriteObject(new BackupResult(job));
+            cmdlet.ThrowTerminatingError(ErrorRecordFactory.From(error));
+        cmdlet.WriteObject(new BackupResult(job));
     }
 
     private PipelineStoppedException Terminate(BlockException e)

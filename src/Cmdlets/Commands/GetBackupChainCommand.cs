@@ -1,0 +1,41 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Chains;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup;
+
+/// <summary>Get-BackupChain: every image of a backup chain from the base to the top, with what each stores.</summary>
+[Cmdlet(VerbsCommon.Get, "BackupChain")]
+[OutputType(typeof(BackupChainImage))]
+public sealed class GetBackupChainCommand : BitmapBackupCmdlet
+{
+    #region Parameters
+
+    /// <summary>The top image of the chain (the newest backup).</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
+    [Alias("FullName", "Target")]
+    [ValidateNotNullOrEmpty]
+    public string Path { get; set; } = null!;
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessRecord()
+    {
+        string path = ResolveFilePath(Path);
+        IReadOnlyList<ChainImage> chain = [];
+        if (!TryRun(() =>
+        {
+            using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true);
+            chain = BackupChain.Describe(top);
+        }))
+        {
+            return;
+        }
+        foreach (ChainImage image in chain)
+            WriteObject(new BackupChainImage(image));
+    }
+
+    #endregion
+}

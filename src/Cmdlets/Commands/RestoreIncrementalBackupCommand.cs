@@ -1,0 +1,93 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Jobs;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup;
+
+/// <summary>
+/// Restore-IncrementalBackup: flattens a backup chain into one standalone image, the disk at that backup's
+/// point in time. Runs as a backup job of the chain (opened read-only), in the background or with -Wait.
+/// </summary>
+[Cmdlet(VerbsData.Restore, "IncrementalBackup", SupportsShouldProcess = true)]
+[OutputType(typeof(BackupPSJob), typeof(BackupResult))]
+public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
+{
+    private static int s_restores;
+    private BackupJob? _waitingFor;
+
+    #region Parameters
+
+    /// <summary>The top image of the chain to restore (the backup whose point in time you want).</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true)]
+    [Alias("FullName", "Target")]
+    [ValidateNotNullOrEmpty]
+    public string Path { get; set; } = null!;
+
+    /// <summary>The new standalone image; it must not exist.</summary>
+    [Parameter(Mandatory = true, Position = 1)]
+    [ValidateNotNullOrEmpty]
+    public string Destination { get; set; } = null!;
+
+    /// <summary>Format of the restored image: Raw (default) or Qcow2.</summary>
+    [Parameter]
+    public ImageFormat Format { get; set; } = ImageFormat.Raw;
+
+    /// <summary>Limit the copy rate (bytes per second; 0: no limit).</summary>
+    [Parameter]
+    public long BytesPerSecond { get; set; }
+
+    /// <summary>Name of the PowerShell job.</summary>
+    [Parameter]
+    [ValidateNotNullOrEmpty]
+    public string? JobName { get; set; }
+
+    /// <summary>Run in the foreground with a progress bar and write the result.</summary>
+    [Parameter]
+    public SwitchParameter Wait { get; set; }
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessRecord()
+    {
+        string path = ResolveFilePath(Path);
+        string destination = ResolveFilePath(Destination);
+        if (!ShouldProcess(destination, $"Restore the chain of '{path}'"))
+            return;
+        BlockNode? node = null;
+        BackupJob job;
+        try
+        {
+            node = Engine.Open(path, $"restore-{Interlocked.Increment(ref s_restores)}", readOnly: true);
+            job = BackupJob.Prepare(new BackupRequest
+            {
+                Source = node, Target = destination, Sync = BackupSyncMode.Full, TargetFormat = Format, BytesPerSecond = BytesPerSecond,
+            });
+            using (node.Quiesce())
+                job.Freeze();
+        }
+        catch (BlockException e)
+        {
+            if (node is not null)
+                Engine.Close(node);
+            ThrowTerminatingError(ErrorRecordFactory.From(e));
+            return;
+        }
+        BlockNode opened = node;
+        job.Completion.ContinueWith(_ => Engine.Close(opened), TaskScheduler.Default);
+        if (!Wait)
+        {
+            WriteObject(StartIncrementalBackupCommand.StartAsPSJob(this, job, MyInvocation.Line, JobName));
+            return;
+        }
+        _waitingFor = job;
+        StartIncrementalBackupCommand.RunInForeground(this, job);
+        _waitingFor = null;
+    }
+
+    protected override void StopProcessing() => _waitingFor?.Cancel();
+
+    #endregion
+}
