@@ -191,6 +191,9 @@ public sealed class BlockNode : IDisposable
                 if (_bitmaps.FirstOrDefault(b => b.Busy) is { } busy)
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
                         $"Node '{Name}' cannot be resized while bitmap '{busy.Name}' is in use by a backup.", Name);
+                if (_interceptors.Length > 0)
+                    Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
+                        $"Node '{Name}' cannot be resized while a backup of it is running.", Name);
             }
             long size = Size;
             if (newSize < size && FirstNonZeroByte(newSize, size - newSize) is long at)
@@ -437,6 +440,9 @@ public sealed class BlockNode : IDisposable
                 if (_bitmaps.FirstOrDefault(b => b.Busy) is { } busy)
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
                         $"Node '{Name}' cannot be closed while bitmap '{busy.Name}' is in use by a backup.", Name);
+                if (_interceptors.Length > 0)
+                    Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
+                        $"Node '{Name}' cannot be closed while a backup of it is running; stop the job (Stop-Job) or wait for it.", Name);
             }
             StorePersistentBitmaps();
             if (!ReadOnly)
