@@ -19,9 +19,23 @@ public abstract class BitmapBackupCmdlet : PSCmdlet
         }
         catch (BlockException e)
         {
-            WriteError(ErrorRecordFactory.From(e));
+            ReportError(ErrorRecordFactory.From(e));
             return false;
         }
+    }
+
+    /// <summary>
+    /// Whether this cmdlet queues its action inside Invoke-BitmapTransaction. Its errors there are terminating,
+    /// so that the block stops and nothing of the transaction is applied.
+    /// </summary>
+    internal virtual bool IsTransactional => false;
+
+    /// <summary>A non-terminating error, or a terminating one for a transactional cmdlet inside a transaction.</summary>
+    protected void ReportError(ErrorRecord record)
+    {
+        if (IsTransactional && TransactionScope.Current is not null)
+            ThrowTerminatingError(record);
+        WriteError(record);
     }
 
     /// <summary>Find an open node by name, or write NodeNotFound and return null.</summary>
@@ -29,7 +43,7 @@ public abstract class BitmapBackupCmdlet : PSCmdlet
     {
         BlockNode? node = Engine.Find(name);
         if (node is null)
-            WriteError(ErrorRecordFactory.From(new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{name}' not found.", name)));
+            ReportError(ErrorRecordFactory.From(new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{name}' not found.", name)));
         return node;
     }
 

@@ -19,6 +19,8 @@ public sealed class DisableDirtyBitmapCommand : DirtyBitmapCommandBase
 
     #endregion
 
+    internal override bool IsTransactional => true;
+
     #region Overrides
 
     protected override void ProcessBitmap(DirtyBitmap bitmap)

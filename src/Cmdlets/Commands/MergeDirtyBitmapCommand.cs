@@ -32,6 +32,8 @@ public sealed class MergeDirtyBitmapCommand : DirtyBitmapCommandBase
 
     #endregion
 
+    internal override bool IsTransactional => true;
+
     #region Overrides
 
     protected override void ProcessBitmap(DirtyBitmap bitmap)

@@ -39,6 +39,8 @@ public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
 
     #endregion
 
+    internal override bool IsTransactional => true;
+
     #region Overrides
 
     protected override void ProcessRecord()

@@ -11,6 +11,8 @@ namespace BitmapBackup;
 [OutputType(typeof(void))]
 public sealed class RemoveDirtyBitmapCommand : DirtyBitmapCommandBase
 {
+    internal override bool IsTransactional => true;
+
     #region Overrides
 
     protected override void ProcessBitmap(DirtyBitmap bitmap)

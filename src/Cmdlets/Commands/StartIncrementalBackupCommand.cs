@@ -93,6 +93,8 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
 
     #endregion
 
+    internal override bool IsTransactional => true;
+
     #region Overrides
 
     protected override void ProcessRecord()

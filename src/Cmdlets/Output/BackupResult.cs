@@ -8,7 +8,7 @@ public sealed class BackupResult
     internal BackupResult(BackupJob job)
     {
         Node = job.Source.Name;
-        Target = job.TargetPath;
+        Target = job.KeptPartialTarget ?? job.TargetPath;
         Sync = job.Sync;
         Bitmap = job.Bitmap?.Name;
         BitmapMode = job.BitmapMode;
@@ -25,7 +25,7 @@ public sealed class BackupResult
     /// <summary>Name of the node backed up.</summary>
     public string Node { get; }
 
-    /// <summary>Path of the backup image (gone when the backup failed and created it).</summary>
+    /// <summary>Path of the backup image (gone when the backup failed and created it; the kept '.partial' file after a failed -BitmapMode Always backup).</summary>
     public string Target { get; }
 
     public BackupSyncMode Sync { get; }

@@ -59,6 +59,43 @@ internal static partial class LinuxFile
         }
     }
 
+    [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int Open(string path, int flags);
+
+    [LibraryImport("libc", EntryPoint = "fsync", SetLastError = true)]
+    private static partial int FSync(int fd);
+
+    [LibraryImport("libc", EntryPoint = "close")]
+    private static partial int Close(int fd);
+
+    /// <summary>
+    /// Make a rename in <paramref name="directory"/> durable (fsync of the folder), so that after a power failure
+    /// the new name is there. Best effort: false when unsupported.
+    /// </summary>
+    public static bool TrySyncDirectory(string directory)
+    {
+        if (!Available)
+            return false;
+        try
+        {
+            int fd = Open(directory, 0x10000 /* O_RDONLY | O_DIRECTORY */);
+            if (fd < 0)
+                return false;
+            try
+            {
+                return FSync(fd) == 0;
+            }
+            finally
+            {
+                Close(fd);
+            }
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return false;
+        }
+    }
+
     /// <summary>Deallocate a range, keeping the file size. Returns false when unsupported.</summary>
     public static bool TryPunchHole(SafeFileHandle handle, long offset, long length)
     {

@@ -271,6 +271,11 @@ public sealed class BackupJob
                 RequireVerb("finalize", BlockJobStatus.Pending);
         }
         _finalizeRequested.TrySetResult();
+        if (_group is not null)
+        {
+            foreach (BackupJob other in _group.Jobs.Where(j => j != this)) // QEMU: finalizing one job of a transaction finalizes all
+                other._finalizeRequested.TrySetResult();
+        }
     }
 
     private void RequireVerb(string verb, params BlockJobStatus[] allowed)
@@ -356,9 +361,8 @@ public sealed class BackupJob
             }
             try
             {
-                _rate.Wait(Math.Min(count * ClusterSize, BlockCopier.MaxChunk), cancel);
                 cancel.ThrowIfCancellationRequested();
-                _copier.CopyClaimed(first, count);
+                _copier.CopyClaimed(first, count, bytes => _rate.Wait(bytes, cancel));
             }
             catch (OperationCanceledException)
             {
@@ -415,10 +419,18 @@ public sealed class BackupJob
     {
         SetStatus(BlockJobStatus.Aborting);
         DetachFromSource();
-        _target.Discard();
+        // An "always" bitmap drops what was copied even on failure: keep those clusters, in the partial file.
+        bool keep = _spec.BitmapMode == BitmapSyncMode.Always && BytesDone > 0;
+        _target.Discard(keepPartial: keep);
         CleanUpBitmap(succeeded: false);
+        if (_target.KeptPartial)
+            failure = new BlockException(failure.ErrorId, failure.Category,
+                $"{failure.Message} With -BitmapMode Always the clusters copied so far are no longer dirty: they are kept in '{_target.WritePath}'.", failure.Target, failure);
         Conclude(failure);
     }
+
+    /// <summary>The partial image a failed "always" backup kept, or null.</summary>
+    public string? KeptPartialTarget => _target.KeptPartial ? _target.WritePath : null;
 
     private bool _detached;
 

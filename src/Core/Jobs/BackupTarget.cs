@@ -36,6 +36,9 @@ public sealed class BackupTarget : IDisposable
     /// <summary>Whether this backup created the file (and so deletes it on failure).</summary>
     public bool Created { get; }
 
+    /// <summary>True when a failed backup kept its partial file (<see cref="WritePath"/>).</summary>
+    public bool KeptPartial { get; private set; }
+
     /// <summary>A new image for a backup of <paramref name="size"/> bytes.</summary>
     public static BackupTarget CreateNew(string path, ImageFormat format, long size, BackupTargetOptions options)
     {
@@ -85,15 +88,34 @@ public sealed class BackupTarget : IDisposable
             Image.Dispose();
         }
         if (Created)
+        {
             File.Move(WritePath, Path, overwrite: false);
+            IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(Path)!); // the new name survives a power failure
+        }
     }
 
-    /// <summary>Close and, for a new target, delete the partial file.</summary>
-    public void Discard()
+    /// <summary>
+    /// Close and, for a new target, delete the partial file — or, with <paramref name="keepPartial"/>, flush and
+    /// keep it under its ".partial" name (a failed "always" backup: its clusters are no longer in the bitmap).
+    /// </summary>
+    public void Discard(bool keepPartial = false)
     {
         if (_finished)
             return;
         _finished = true;
+        if (keepPartial)
+        {
+            try
+            {
+                Image.Flush();
+            }
+            finally
+            {
+                Image.Dispose();
+            }
+            KeptPartial = Created;
+            return;
+        }
         Image.Dispose();
         if (Created)
         {

@@ -10,13 +10,6 @@ public static class BackupTargets
     {
         Create = (path, format, size) =>
         {
-            if (backingFile is not null && format == ImageFormat.Qcow2)
-            {
-                string backing = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, backingFile);
-                if (!File.Exists(backing))
-                    Errors.Throw.Block(Errors.ErrorIds.BackingFileNotFound, Errors.BlockErrorCategory.ObjectNotFound,
-                        $"Backing file '{backingFile}' of backup '{path}' does not exist (looked for '{backing}'; a relative name is relative to the target's folder).", backingFile);
-            }
             BlockEngine.CreateImage(path, size, format, format == ImageFormat.Qcow2 ? clusterSize : null, backingFile);
         },
         Open = (path, _) => BlockEngine.OpenImage(path, readOnly: false),

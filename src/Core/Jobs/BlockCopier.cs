@@ -141,12 +141,13 @@ internal sealed class BlockCopier : IWriteInterceptor
     }
 
     /// <summary>Copy a claimed run and release it. Throws <see cref="CopyFailedException"/>; the run is then unclaimed.</summary>
-    public void CopyClaimed(long first, long count)
+    /// <remarks><paramref name="throttle"/> is charged with the bytes of data read (not zeros or holes).</remarks>
+    public void CopyClaimed(long first, long count, Action<long>? throttle = null)
     {
         bool ok = false;
         try
         {
-            Copy(first, count);
+            Copy(first, count, throttle);
             ok = true;
         }
         finally
@@ -224,7 +225,7 @@ internal sealed class BlockCopier : IWriteInterceptor
 
     #region The copy itself
 
-    private void Copy(long first, long count)
+    private void Copy(long first, long count, Action<long>? throttle)
     {
         long offset = first << _clusterShift;
         long end = Math.Min((first + count) << _clusterShift, _size);
@@ -247,13 +248,13 @@ internal sealed class BlockCopier : IWriteInterceptor
                     WriteZeroes(extent.Offset, extent.Length);
                     break;
                 default:
-                    CopyData(extent.Offset, extent.Length);
+                    CopyData(extent.Offset, extent.Length, throttle);
                     break;
             }
         }
     }
 
-    private void CopyData(long offset, long length)
+    private void CopyData(long offset, long length, Action<long>? throttle)
     {
         byte[] buffer = ArrayPool<byte>.Shared.Rent((int)Math.Min(length, MaxChunk));
         try
@@ -262,6 +263,7 @@ internal sealed class BlockCopier : IWriteInterceptor
             {
                 int n = (int)Math.Min(length - done, buffer.Length);
                 Span<byte> data = buffer.AsSpan(0, n);
+                throttle?.Invoke(n);
                 try
                 {
                     _source.Read(offset + done, data);

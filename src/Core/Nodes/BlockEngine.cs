@@ -48,11 +48,17 @@ public sealed class BlockEngine
             RawImage.Create(fullPath, size);
             return;
         }
-        if (size == 0 && backingFile is not null)
+        if (backingFile is not null)
         {
             string backing = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(fullPath)!, backingFile);
-            using IBlockImage image = ImageProbe.Open(backing, readOnly: true);
-            size = image.Size;
+            if (!File.Exists(backing))
+                Throw.Block(ErrorIds.BackingFileNotFound, BlockErrorCategory.ObjectNotFound,
+                    $"Backing file '{backingFile}' of '{fullPath}' does not exist (looked for '{backing}'; a relative name is relative to the new image's folder).", backingFile);
+            if (size == 0)
+            {
+                using IBlockImage image = ImageProbe.Open(backing, readOnly: true);
+                size = image.Size;
+            }
         }
         CheckImageSize(size, fullPath);
         Qcow2Image.Create(fullPath, size, clusterSize ?? Qcow2Image.DefaultClusterSize, backingFile);

@@ -372,6 +372,8 @@ public sealed class BlockNode : IDisposable
             if (bitmap.Length != DirtyBitmap.BitsFor(Size, bitmap.Granularity))
                 bitmap.ResizeLocked(Size);
             AttachLocked(bitmap);
+            if (bitmap.Persistent && Store is not null && !ReadOnly)
+                Store.MarkInUse(PersistentLocked()); // back in the image, in use, as before the removal
         }
     }
 

@@ -156,6 +156,7 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
                 fs.Flush(flushToDisk: true);
             }
             File.Move(temp, Path, overwrite: true);
+            IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(Path))!);
         }
         catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
         {
