@@ -113,28 +113,18 @@ Describe 'New-BlockImage' {
 }
 
 # qcow2 comes later: when New-BlockImage learns to create qcow2 images, update this block.
-Describe 'New-BlockImage: qcow2 not supported yet' -Tag 'RawOnly' {
-    AfterEach { Close-TestNode }
-
-    It 'refuses -Format Qcow2 with UnsupportedFormat and creates no file' {
-        $path = Join-Path (Get-TestDirectory) ((New-TestName) + '.img')
-        Assert-BlockError { New-BlockImage -Path $path -Size 1MB -Format Qcow2 -Confirm:$false -ErrorAction Stop } `
-            -ErrorId 'UnsupportedFormat,BitmapBackup.NewBlockImageCommand' -MessageContains 'Qcow2', "'$path'" -Category NotImplemented
-        Test-Path $path | Should -BeFalse
-    }
-
-    It 'refuses a <Extension> path (format from the extension) with UnsupportedFormat' -ForEach @(
-        @{ Extension = '.qcow2' }, @{ Extension = '.QCOW2' }
-    ) {
-        $path = Join-Path (Get-TestDirectory) ((New-TestName) + $Extension)
-        Assert-BlockError { New-BlockImage -Path $path -Size 1MB -Confirm:$false -ErrorAction Stop } `
-            -ErrorId 'UnsupportedFormat,BitmapBackup.NewBlockImageCommand' -MessageContains "'$path'"
-        Test-Path $path | Should -BeFalse
-    }
-
-    It 'checks the size before the format' {
+Describe 'New-BlockImage: format and size checks' {
+    It 'checks the size of a qcow2 image too' {
         $path = Join-Path (Get-TestDirectory) ((New-TestName) + '.qcow2')
         Assert-BlockError { New-BlockImage -Path $path -Size 1000 -Confirm:$false -ErrorAction Stop } `
             -ErrorId 'InvalidImageSize,BitmapBackup.NewBlockImageCommand'
+        Test-Path $path | Should -BeFalse
+    }
+
+    It 'refuses a cluster size or a backing file for a raw image' {
+        $path = Join-Path (Get-TestDirectory) ((New-TestName) + '.img')
+        Assert-BlockError { New-BlockImage -Path $path -Size 1MB -ClusterSize 4096 -Confirm:$false -ErrorAction Stop } `
+            -ErrorId 'UnsupportedFormat,BitmapBackup.NewBlockImageCommand' -MessageContains "'$path'" -Category InvalidArgument
+        Test-Path $path | Should -BeFalse
     }
 }
