@@ -124,6 +124,7 @@ public sealed class BlockEngine
     public static IBitmapStore? StoreFor(IBlockImage image) => image switch
     {
         RawImage raw => new RawBitmapSidecar(raw.Path),
+        Qcow2Image qcow2 => new Qcow2BitmapStore(qcow2),
         _ => null,
     };
 

@@ -162,6 +162,20 @@ internal sealed class Qcow2Allocator
         }
     }
 
+    /// <summary>
+    /// Like <see cref="QueueFree"/> for one cluster, but a cluster whose refcount does not cover the reference (a
+    /// damaged image) is left alone and false returned: the caller prefers a leak to a refcount underflow.
+    /// </summary>
+    public bool TryQueueFree(long cluster)
+    {
+        ulong pending = _pendingFrees.GetValueOrDefault(cluster);
+        ulong refcount = cluster < _endCluster ? _refcounts.Get(cluster) : 0;
+        if (refcount <= pending)
+            return false;
+        _pendingFrees[cluster] = pending + 1;
+        return true;
+    }
+
     /// <summary>Apply the queued decrements (in memory; the caller flushes the refcounts after).</summary>
     public void ApplyFrees()
     {

@@ -33,12 +33,40 @@ public sealed record Qcow2BitmapDirectoryEntry(
     /// <summary>The bitmap records writes (QEMU: enabled).</summary>
     public bool Auto => (Flags & AutoFlag) != 0;
 
+    /// <summary>Bytes of type-specific extra data before the name (none is defined; QEMU refuses any).</summary>
+    public uint ExtraDataSize { get; init; }
+
+    /// <summary>Bytes this entry takes in the directory, padding included.</summary>
+    internal static int SizeFor(int nameBytes, long extraDataSize = 0) => (int)((FixedSize + extraDataSize + nameBytes + 7) & ~7L);
+
+    /// <summary>
+    /// Encode one entry (no extra data) at the start of <paramref name="dest"/>, which must be zeroed and hold
+    /// <see cref="SizeFor"/> bytes; returns the bytes used.
+    /// </summary>
+    internal static int Write(Span<byte> dest, long tableOffset, uint tableSize, uint flags, int granularityBits, ReadOnlySpan<byte> name)
+    {
+        BinaryPrimitives.WriteUInt64BigEndian(dest, (ulong)tableOffset);
+        BinaryPrimitives.WriteUInt32BigEndian(dest[8..], tableSize);
+        BinaryPrimitives.WriteUInt32BigEndian(dest[12..], flags);
+        dest[16] = DirtyTrackingType;
+        dest[17] = (byte)granularityBits;
+        BinaryPrimitives.WriteUInt16BigEndian(dest[18..], (ushort)name.Length);
+        BinaryPrimitives.WriteUInt32BigEndian(dest[20..], 0);
+        name.CopyTo(dest[FixedSize..]);
+        return SizeFor(name.Length);
+    }
+
     /// <summary>
     /// Parse <paramref name="count"/> entries from the directory bytes. Returns null (with <paramref name="problem"/>)
     /// when an entry does not fit in the directory or a field is out of range.
     /// </summary>
     internal static List<Qcow2BitmapDirectoryEntry>? ReadDirectory(ReadOnlySpan<byte> directory, long directoryOffset, int count, out string? problem)
+        => ReadDirectory(directory, directoryOffset, count, out problem, out _);
+
+    /// <summary>As above; <paramref name="used"/> is the number of bytes the entries take.</summary>
+    internal static List<Qcow2BitmapDirectoryEntry>? ReadDirectory(ReadOnlySpan<byte> directory, long directoryOffset, int count, out string? problem, out int used)
     {
+        used = 0;
         var entries = new List<Qcow2BitmapDirectoryEntry>(Math.Min(count, 1024));
         int pos = 0;
         for (int i = 0; i < count; i++)
@@ -74,9 +102,13 @@ public sealed record Qcow2BitmapDirectoryEntry(
                 return null;
             }
             string name = Encoding.UTF8.GetString(e.Slice(FixedSize + (int)extraSize, nameSize));
-            entries.Add(new Qcow2BitmapDirectoryEntry(name, granularityBits, flags, type, (long)tableOffset, tableSize, directoryOffset + pos));
+            entries.Add(new Qcow2BitmapDirectoryEntry(name, granularityBits, flags, type, (long)tableOffset, tableSize, directoryOffset + pos)
+            {
+                ExtraDataSize = extraSize,
+            });
             pos += (int)padded;
         }
+        used = pos;
         problem = null;
         return entries;
     }

@@ -24,6 +24,12 @@ internal sealed class Qcow2File : IDisposable
     /// <summary>Current length of the file in bytes (grows with writes past the end).</summary>
     public long Length { get; private set; }
 
+    /// <summary>
+    /// Test hook: sees every write (offset, bytes) and every fsync (offset -1, no bytes), in order, so that a test
+    /// can replay any prefix of them as the state a crash could leave.
+    /// </summary>
+    internal Action<long, byte[]?>? Observer { get; set; }
+
     /// <summary>Read <paramref name="buffer"/> at <paramref name="offset"/>; bytes past the end of the file read as zeros.</summary>
     public void Read(long offset, Span<byte> buffer)
     {
@@ -53,6 +59,7 @@ internal sealed class Qcow2File : IDisposable
     {
         if (data.IsEmpty)
             return;
+        Observer?.Invoke(offset, data.ToArray());
         try
         {
             RandomAccess.Write(_handle, data, offset);
@@ -79,11 +86,15 @@ internal sealed class Qcow2File : IDisposable
     }
 
     /// <summary>fsync: everything written so far is durable when this returns.</summary>
-    public void Sync() => Get(() =>
+    public void Sync()
     {
-        RandomAccess.FlushToDisk(_handle);
-        return 0;
-    }, "flush");
+        Observer?.Invoke(-1, null);
+        Get(() =>
+        {
+            RandomAccess.FlushToDisk(_handle);
+            return 0;
+        }, "flush");
+    }
 
     public void Dispose() => _handle.Dispose();
 

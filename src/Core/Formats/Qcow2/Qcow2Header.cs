@@ -20,6 +20,7 @@ internal sealed class Qcow2Header
     public const int V3Length = 112;
 
     // Byte offsets of the fields that are rewritten in place.
+    public const int BackingFileOffsetOffset = 8;
     public const int SizeOffset = 24;
     public const int L1SizeOffset = 36; // l1_size (4) then l1_table_offset (8): one 12-byte write
     public const int RefcountTableOffsetOffset = 48; // refcount_table_offset (8) then refcount_table_clusters (4)

@@ -24,7 +24,8 @@ internal sealed class Qcow2HeaderExtensions
 
     public Qcow2FeatureNameTable FeatureNames { get; private set; } = Qcow2FeatureNameTable.Empty;
 
-    public Qcow2BitmapsExtension? Bitmaps { get; private set; }
+    /// <summary>The bitmaps extension as found (valid or not: see the auto-clear bit); kept up to date by the bitmap store.</summary>
+    public Qcow2BitmapsExtension? Bitmaps { get; set; }
 
     public string? DataFile { get; private set; }
 

@@ -472,9 +472,12 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>
-    /// Before the first change: persistent bitmaps are not maintained by this driver yet, so mark each in_use
-    /// (QEMU then loads them as inconsistent, exactly as after a crash) and clear the auto-clear bits we do not
-    /// maintain, as the spec requires of a writer. Durable before any data is written.
+    /// Before the first change (and again after <see cref="Qcow2BitmapStore.Store"/> cleared in_use flags): every
+    /// persistent bitmap not yet marked in_use is marked now, in place (QEMU then loads it as inconsistent, exactly
+    /// as after a crash), and the auto-clear bits we do not maintain are cleared, as the spec requires of a
+    /// writer. Durable before any data is written. When the engine opened the image with its
+    /// <see cref="Qcow2BitmapStore"/>, the store has already marked every bitmap in use and only the auto-clear
+    /// bits are left to do; the marking here is the safety net for every other writer (direct driver use).
     /// </summary>
     private void PrepareForWrite()
     {

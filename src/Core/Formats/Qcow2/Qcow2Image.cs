@@ -77,6 +77,7 @@ public sealed partial class Qcow2Image : IBlockImage
         _l2Entries = 1 << _l2Bits;
         BackingFile = backingFile;
         _bitmaps = bitmaps;
+        _bitmapsExtension = bitmaps.Count > 0 ? extensions.Bitmaps : null;
         _regions = regions;
         _l1 = l1;
         _refcounts = refcounts;
@@ -352,6 +353,13 @@ public sealed partial class Qcow2Image : IBlockImage
     #endregion
 
     private void CheckOpen() => ObjectDisposedException.ThrowIf(_disposed, this);
+
+    /// <summary>Test hook: see every write and fsync of the image file (<see cref="Qcow2File.Observer"/>).</summary>
+    internal void ObserveFile(Action<long, byte[]?>? observer)
+    {
+        lock (_sync)
+            _file.Observer = observer;
+    }
 
     /// <summary>Test hook: hold at most this many L2 tables and refcount blocks, to exercise eviction.</summary>
     internal void LimitCaches(int l2Tables, int refcountBlocks)

@@ -34,6 +34,17 @@ internal static class Qcow2Limits
 
     public const int MaxBitmapNameLength = 1023;
 
+    /// <summary>Granularity QEMU stores: 2^9 (512 bytes) to 2^31 (2 GiB) bytes per bit.</summary>
+    public const int MinBitmapGranularityBits = 9;
+
+    public const int MaxBitmapGranularityBits = 31;
+
+    /// <summary>QEMU's BME_MAX_TABLE_SIZE: entries in one bitmap table.</summary>
+    public const long MaxBitmapTableEntries = 0x8000000;
+
+    /// <summary>QEMU's BME_MAX_PHYS_SIZE: bytes of data clusters one bitmap table may describe (512 MiB).</summary>
+    public const long MaxBitmapDataBytes = 0x20000000;
+
     /// <summary>Backing images below the top image before we give up (QEMU has no fixed limit; loops are caught separately).</summary>
     public const int MaxBackingChainDepth = 64;
 
