@@ -15,7 +15,7 @@
         'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
         'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange',
         'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup',
-        'Invoke-BitmapTransaction', 'Get-BackupChain', 'Restore-IncrementalBackup'
+        'Invoke-BitmapTransaction', 'Get-BackupChain', 'Restore-IncrementalBackup', 'Test-IncrementalBackup'
     )
     FunctionsToExport    = @()
     AliasesToExport      = @()

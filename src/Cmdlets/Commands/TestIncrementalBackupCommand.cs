@@ -1,0 +1,102 @@
+using System.Management.Automation;
+using BitmapBackup.Core.Chains;
+using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Formats.Qcow2;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup;
+
+/// <summary>
+/// Test-IncrementalBackup: checks a backup chain's images (like qemu-img check) and compares what the chain
+/// reads with a node or another image (like qemu-img compare).
+/// </summary>
+[Cmdlet(VerbsDiagnostic.Test, "IncrementalBackup", DefaultParameterSetName = NodeSet)]
+[OutputType(typeof(BackupVerification))]
+public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
+{
+    private const string NodeSet = "Node";
+    private const string ReferenceSet = "ReferencePath";
+
+    #region Parameters
+
+    /// <summary>The top image of the chain (the backup to check).</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true)]
+    [Alias("FullName", "Target")]
+    [ValidateNotNullOrEmpty]
+    public string Path { get; set; } = null!;
+
+    /// <summary>An open node to compare with (it should not be written meanwhile).</summary>
+    [Parameter(Mandatory = true, ParameterSetName = NodeSet)]
+    [BlockNodeTransformation]
+    [ArgumentCompleter(typeof(NodeNameCompleter))]
+    [ValidateNotNullOrEmpty]
+    public string Node { get; set; } = null!;
+
+    /// <summary>An image file (raw or qcow2, with its chain) to compare with.</summary>
+    [Parameter(Mandatory = true, ParameterSetName = ReferenceSet)]
+    [ValidateNotNullOrEmpty]
+    public string ReferencePath { get; set; } = null!;
+
+    #endregion
+
+    #region Overrides
+
+    protected override void ProcessRecord()
+    {
+        string path = ResolveFilePath(Path);
+        try
+        {
+            WriteObject(Verify(path));
+        }
+        catch (BlockException e)
+        {
+            WriteError(ErrorRecordFactory.From(e));
+        }
+    }
+
+    #endregion
+
+    #region Private methods
+
+    private BackupVerification Verify(string path)
+    {
+        var problems = new List<string>();
+        long leaks = 0;
+        using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true);
+        foreach (ChainImage layer in BackupChain.Describe(top).Where(l => l.Format == ImageFormat.Qcow2))
+        {
+            Qcow2CheckReport report = Qcow2Checker.Check(layer.Path);
+            problems.AddRange(report.Corruptions.Concat(report.CheckErrors).Select(c => $"{layer.Path}: {c}"));
+            leaks += report.Leaks;
+        }
+        long compared = 0;
+        long? difference;
+        string reference;
+        if (ParameterSetName == NodeSet)
+        {
+            BlockNode node = Engine.Get(Node);
+            reference = node.Name;
+            difference = BackupChain.FirstDifference(top.Size, top.Read, node.Size, (o, b) => node.Read(o, b), n => compared = n);
+        }
+        else
+        {
+            string referencePath = ResolveFilePath(ReferencePath);
+            reference = referencePath;
+            string full = System.IO.Path.GetFullPath(referencePath);
+            if (Engine.Nodes.FirstOrDefault(n => n.Path == full) is { } open)
+            {
+                difference = BackupChain.FirstDifference(top.Size, top.Read, open.Size, (o, b) => open.Read(o, b), n => compared = n);
+            }
+            else
+            {
+                using IBlockImage other = BlockEngine.OpenImage(full, readOnly: true);
+                difference = BackupChain.FirstDifference(top.Size, top.Read, other.Size, other.Read, n => compared = n);
+            }
+        }
+        if (difference is { } at)
+            WriteVerbose($"'{path}' and '{reference}' differ at offset {at}.");
+        return new BackupVerification(path, reference, problems, leaks, difference, compared);
+    }
+
+    #endregion
+}
