@@ -54,5 +54,8 @@ public abstract class DirtyBitmapCommandBase : BitmapBackupCmdlet
 
     /// <summary>After commit: the bitmap as it is then, when -PassThru asked for it.</summary>
     private protected Func<Cmdlet, object?>? PassThruOutput(BlockNode node, bool passThru)
-        => passThru ? _ => new DirtyBitmapInfo(node.GetBitmap(Name)) : null;
+    {
+        string name = Name; // this record's name: the property changes with the next pipeline input
+        return passThru ? _ => new DirtyBitmapInfo(node.GetBitmap(name)) : null;
+    }
 }

@@ -104,7 +104,8 @@ public sealed class InvokeBitmapTransactionCommand : BitmapBackupCmdlet
         }
         foreach (Func<Cmdlet, object?> output in scope.Outputs)
         {
-            if (output(this) is { } result)
+            object? result = null;
+            if (TryRun(() => result = output(this)) && result is not null) // applied: a failed output is no failure of the transaction
                 WriteObject(result);
         }
     }

@@ -76,7 +76,7 @@ public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
             return;
         }
         BlockNode opened = node;
-        job.Completion.ContinueWith(_ => Engine.Close(opened), TaskScheduler.Default);
+        job.Concluding += _ => Engine.Close(opened); // before the job reports its end: the chain is free again
         if (!Wait)
         {
             WriteObject(StartIncrementalBackupCommand.StartAsPSJob(this, job, MyInvocation.Line, JobName));

@@ -11,12 +11,13 @@ namespace BitmapBackup;
 /// </summary>
 internal sealed class TransactionScope
 {
-    [ThreadStatic]
-    private static TransactionScope? t_current;
+    // Flows to the threads the block starts (ForEach-Object -Parallel, tasks), not to unrelated runspaces.
+    private static readonly AsyncLocal<TransactionScope?> s_current = new();
+    private readonly Lock _lock = new();
 
     private readonly List<Func<Cmdlet, object?>> _outputs = new();
 
-    public static TransactionScope? Current => t_current;
+    public static TransactionScope? Current => s_current.Value;
 
     public BitmapTransaction Transaction { get; } = new();
 
@@ -24,13 +25,15 @@ internal sealed class TransactionScope
 
     public static TransactionScope Open()
     {
-        if (t_current is not null)
+        if (s_current.Value is not null)
             throw new BlockException(ErrorIds.TransactionActionInvalid, BlockErrorCategory.InvalidOperation,
                 "Invoke-BitmapTransaction cannot be nested: the actions already join the open transaction.");
-        return t_current = new TransactionScope();
+        var scope = new TransactionScope();
+        s_current.Value = scope;
+        return scope;
     }
 
-    public void Close() => t_current = null;
+    public void Close() => s_current.Value = null;
 
     /// <summary>
     /// Queue an action; a failed check becomes a terminating error of the calling cmdlet, so the block stops
@@ -38,16 +41,19 @@ internal sealed class TransactionScope
     /// </summary>
     public void Enqueue(PSCmdlet cmdlet, ITransactionAction action, Func<Cmdlet, object?>? output = null)
     {
-        try
+        lock (_lock)
         {
-            Transaction.Enqueue(action);
+            try
+            {
+                Transaction.Enqueue(action);
+            }
+            catch (BlockException e)
+            {
+                cmdlet.ThrowTerminatingError(ErrorRecordFactory.From(e));
+            }
+            if (output is not null)
+                _outputs.Add(output);
         }
-        catch (BlockException e)
-        {
-            cmdlet.ThrowTerminatingError(ErrorRecordFactory.From(e));
-        }
-        if (output is not null)
-            _outputs.Add(output);
         cmdlet.WriteVerbose($"Queued in the transaction: {action.Description}.");
     }
 }

@@ -18,6 +18,7 @@ public sealed class BackupPSJob : Job2
     private static readonly TimeSpan ProgressInterval = TimeSpan.FromMilliseconds(250);
 
     private readonly Timer _progressTimer;
+    private readonly Lock _progressLock = new();
     private readonly int _activityId;
     private int _finished;
 
@@ -175,10 +176,14 @@ public sealed class BackupPSJob : Job2
 
     private void Conclude(BackupJob job)
     {
-        if (Interlocked.Exchange(ref _finished, 1) != 0)
-            return;
-        _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
-        WriteProgressRecord();
+        lock (_progressLock)
+        {
+            if (Volatile.Read(ref _finished) != 0)
+                return;
+            _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
+            AddProgressRecord();
+            Volatile.Write(ref _finished, 1); // from here the timer adds nothing: the streams close below
+        }
         Output.Add(PSObject.AsPSObject(new BackupResult(job)));
         BlockException? error = job.Error;
         if (error is null)
@@ -196,7 +201,17 @@ public sealed class BackupPSJob : Job2
         }
     }
 
+    /// <summary>Timer tick: one progress record, unless the job has concluded (its streams may be closed).</summary>
     private void WriteProgressRecord()
+    {
+        lock (_progressLock)
+        {
+            if (Volatile.Read(ref _finished) == 0)
+                AddProgressRecord();
+        }
+    }
+
+    private void AddProgressRecord()
     {
         long total = Backup.BytesTotal;
         long done = Backup.BytesDone;

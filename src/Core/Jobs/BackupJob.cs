@@ -115,6 +115,9 @@ public sealed class BackupJob
     /// <summary>Completes when the job is concluded, whatever the outcome (never faults).</summary>
     public Task Completion => _completed.Task;
 
+    /// <summary>Raised once when the job's outcome is final, before its status becomes Concluded (cleanup hook).</summary>
+    public event Action<BackupJob>? Concluding;
+
     /// <summary>Raised after every status change, on the thread that changed it.</summary>
     public event Action<BackupJob, BlockJobStatus>? StatusChanged;
 
@@ -362,7 +365,10 @@ public sealed class BackupJob
             try
             {
                 cancel.ThrowIfCancellationRequested();
-                _copier.CopyClaimed(first, count, bytes => _rate.Wait(bytes, cancel));
+                long data = _copier.CopyClaimed(first, count);
+                // Pace after the copy, holding no claim: guest writes never wait for the limit, and a pause
+                // requested meanwhile takes effect before the next claim (QEMU's block-copy does the same).
+                _rate.Wait(data, cancel);
             }
             catch (OperationCanceledException)
             {
@@ -466,6 +472,14 @@ public sealed class BackupJob
         {
             _error = error;
             _ended = DateTimeOffset.Now;
+        }
+        try
+        {
+            Concluding?.Invoke(this);
+        }
+        catch (Exception e) when (e is BlockException or IOException)
+        {
+            // Cleanup of the caller's resources must not keep the job from concluding.
         }
         SetStatus(BlockJobStatus.Concluded);
         _completed.TrySetResult();

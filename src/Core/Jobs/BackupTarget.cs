@@ -15,6 +15,9 @@ public sealed class BackupTarget : IDisposable
 {
     public const string PartialSuffix = ".partial";
 
+    // Final paths of the targets being written by this process's backups.
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<string, byte> s_inUse = new(StringComparer.Ordinal);
+
     private bool _finished;
 
     private BackupTarget(string path, string writePath, IBlockImage image, bool created)
@@ -45,28 +48,55 @@ public sealed class BackupTarget : IDisposable
         if (File.Exists(path) || Directory.Exists(path))
             Throw.Block(ErrorIds.ImageAlreadyExists, BlockErrorCategory.ResourceExists,
                 $"Backup target '{path}' already exists; choose a new file, or use the existing one with -UseExistingTarget.", path);
+        Reserve(path);
         string partial = path + PartialSuffix;
-        if (File.Exists(partial))
-            File.Delete(partial); // left by a crashed backup: never a valid backup
-        options.Create(partial, format, size);
         try
         {
-            return new BackupTarget(path, partial, options.Open(partial, format), created: true);
+            if (File.Exists(partial))
+                File.Delete(partial); // left by a crashed backup: never a valid backup
+            options.Create(partial, format, size);
+            try
+            {
+                return new BackupTarget(path, partial, options.Open(partial, format), created: true);
+            }
+            catch
+            {
+                File.Delete(partial);
+                throw;
+            }
         }
         catch
         {
-            File.Delete(partial);
+            s_inUse.TryRemove(path, out _);
             throw;
         }
+    }
+
+    private static void Reserve(string path)
+    {
+        if (!s_inUse.TryAdd(path, 0))
+            Throw.Block(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
+                $"Backup target '{path}' is being written by another backup; choose another target.", path);
     }
 
     /// <summary>An existing image of the same virtual size, written in place.</summary>
     public static BackupTarget OpenExisting(string path, long size, BackupTargetOptions options)
     {
-        IBlockImage image = options.OpenExisting(path);
+        Reserve(path);
+        IBlockImage image;
+        try
+        {
+            image = options.OpenExisting(path);
+        }
+        catch
+        {
+            s_inUse.TryRemove(path, out _);
+            throw;
+        }
         if (image.Size != size)
         {
             image.Dispose();
+            s_inUse.TryRemove(path, out _);
             Throw.Block(ErrorIds.TargetSizeMismatch, BlockErrorCategory.InvalidArgument,
                 $"Source and target image have different sizes: the source has {size} bytes, target '{path}' has {image.Size}.", path);
         }
@@ -86,6 +116,7 @@ public sealed class BackupTarget : IDisposable
         finally
         {
             Image.Dispose();
+            s_inUse.TryRemove(Path, out _);
         }
         if (Created)
         {
@@ -103,20 +134,27 @@ public sealed class BackupTarget : IDisposable
         if (_finished)
             return;
         _finished = true;
-        if (keepPartial)
+        try
         {
-            try
+            if (keepPartial)
             {
-                Image.Flush();
+                try
+                {
+                    Image.Flush();
+                }
+                finally
+                {
+                    Image.Dispose();
+                }
+                KeptPartial = Created;
+                return;
             }
-            finally
-            {
-                Image.Dispose();
-            }
-            KeptPartial = Created;
-            return;
+            Image.Dispose();
         }
-        Image.Dispose();
+        finally
+        {
+            s_inUse.TryRemove(Path, out _);
+        }
         if (Created)
         {
             try

@@ -141,14 +141,15 @@ internal sealed class BlockCopier : IWriteInterceptor
     }
 
     /// <summary>Copy a claimed run and release it. Throws <see cref="CopyFailedException"/>; the run is then unclaimed.</summary>
-    /// <remarks><paramref name="throttle"/> is charged with the bytes of data read (not zeros or holes).</remarks>
-    public void CopyClaimed(long first, long count, Action<long>? throttle = null)
+    /// <returns>The bytes of data read (not zeros or holes): what a rate limit charges.</returns>
+    public long CopyClaimed(long first, long count)
     {
         bool ok = false;
         try
         {
-            Copy(first, count, throttle);
+            long data = Copy(first, count);
             ok = true;
+            return data;
         }
         finally
         {
@@ -225,8 +226,9 @@ internal sealed class BlockCopier : IWriteInterceptor
 
     #region The copy itself
 
-    private void Copy(long first, long count, Action<long>? throttle)
+    private long Copy(long first, long count)
     {
+        long data = 0;
         long offset = first << _clusterShift;
         long end = Math.Min((first + count) << _clusterShift, _size);
         IReadOnlyList<AllocationExtent> extents;
@@ -248,13 +250,15 @@ internal sealed class BlockCopier : IWriteInterceptor
                     WriteZeroes(extent.Offset, extent.Length);
                     break;
                 default:
-                    CopyData(extent.Offset, extent.Length, throttle);
+                    CopyData(extent.Offset, extent.Length);
+                    data += extent.Length;
                     break;
             }
         }
+        return data;
     }
 
-    private void CopyData(long offset, long length, Action<long>? throttle)
+    private void CopyData(long offset, long length)
     {
         byte[] buffer = ArrayPool<byte>.Shared.Rent((int)Math.Min(length, MaxChunk));
         try
@@ -263,7 +267,6 @@ internal sealed class BlockCopier : IWriteInterceptor
             {
                 int n = (int)Math.Min(length - done, buffer.Length);
                 Span<byte> data = buffer.AsSpan(0, n);
-                throttle?.Invoke(n);
                 try
                 {
                     _source.Read(offset + done, data);

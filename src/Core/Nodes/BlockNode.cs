@@ -338,14 +338,15 @@ public sealed class BlockNode : IDisposable
         => FindBitmap(name) ?? throw new BlockException(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound,
             $"Dirty bitmap '{name}' not found on node '{Name}'.", name);
 
-    /// <summary>Remove a bitmap. Refused while busy or read-only; allowed when inconsistent.</summary>
-    public void RemoveBitmap(DirtyBitmap bitmap)
+    /// <summary>Remove a bitmap. Refused while busy or read-only; allowed when inconsistent. Returns its position, for <see cref="RestoreBitmap"/>.</summary>
+    public int RemoveBitmap(DirtyBitmap bitmap)
     {
         lock (Sync)
         {
             if (bitmap.Node != this || !_bitmaps.Contains(bitmap))
                 Throw.Block(ErrorIds.BitmapNotFound, BlockErrorCategory.ObjectNotFound, $"Dirty bitmap '{bitmap.Name}' not found on node '{Name}'.", bitmap.Name);
             bitmap.Check(BitmapUse.Remove);
+            int position = _bitmaps.IndexOf(bitmap);
             DetachLocked(bitmap);
             if (bitmap.Persistent && Store is not null && !ReadOnly)
             {
@@ -355,15 +356,16 @@ public sealed class BlockNode : IDisposable
                 }
                 catch
                 {
-                    AttachLocked(bitmap);
+                    AttachLocked(bitmap, position);
                     throw;
                 }
             }
+            return position;
         }
     }
 
     /// <summary>Put back a bitmap removed by <see cref="RemoveBitmap"/> (transaction rollback).</summary>
-    public void RestoreBitmap(DirtyBitmap bitmap)
+    public void RestoreBitmap(DirtyBitmap bitmap, int position = int.MaxValue)
     {
         lock (Sync)
         {
@@ -371,7 +373,7 @@ public sealed class BlockNode : IDisposable
                 throw new InvalidOperationException($"Bitmap '{bitmap.Name}' cannot be restored on node '{Name}'.");
             if (bitmap.Length != DirtyBitmap.BitsFor(Size, bitmap.Granularity))
                 bitmap.ResizeLocked(Size);
-            AttachLocked(bitmap);
+            AttachLocked(bitmap, position);
             if (bitmap.Persistent && Store is not null && !ReadOnly)
                 Store.MarkInUse(PersistentLocked()); // back in the image, in use, as before the removal
         }
@@ -387,9 +389,9 @@ public sealed class BlockNode : IDisposable
         return null;
     }
 
-    internal void AttachLocked(DirtyBitmap bitmap)
+    internal void AttachLocked(DirtyBitmap bitmap, int position = int.MaxValue)
     {
-        _bitmaps.Add(bitmap);
+        _bitmaps.Insert(Math.Min(position, _bitmaps.Count), bitmap);
         RecordingChanged();
     }
 

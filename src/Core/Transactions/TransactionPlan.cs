@@ -12,6 +12,24 @@ public sealed class TransactionPlan
 {
     private readonly HashSet<(BlockNode, string)> _added = new();
     private readonly HashSet<(BlockNode, string)> _removed = new();
+    private readonly HashSet<(BlockNode, string)> _busy = new();
+
+    /// <summary>Record that a backup queued earlier uses this bitmap: from then on it is busy.</summary>
+    public void MarkBusy(BlockNode node, string name) => _busy.Add((node, name));
+
+    /// <summary>
+    /// Like <see cref="Resolve"/>, and refuses a bitmap a backup queued earlier in the transaction uses, when
+    /// <paramref name="use"/> refuses busy bitmaps. Checks the existing bitmap's own state with <paramref name="use"/>.
+    /// </summary>
+    public DirtyBitmap? Resolve(BlockNode node, string name, BitmapUse use)
+    {
+        DirtyBitmap? bitmap = Resolve(node, name);
+        if ((use & BitmapUse.RefuseBusy) != 0 && _busy.Contains((node, name)))
+            Throw.Block(ErrorIds.BitmapBusy, BlockErrorCategory.ResourceBusy,
+                $"Bitmap '{name}' on node '{node.Name}' is used by a backup started earlier in the same transaction and cannot be used.", name);
+        bitmap?.Check(use);
+        return bitmap;
+    }
 
     /// <summary>Whether the transaction already holds an action that adds this name.</summary>
     public bool IsAdded(BlockNode node, string name) => _added.Contains((node, name));

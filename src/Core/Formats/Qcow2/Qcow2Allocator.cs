@@ -13,6 +13,9 @@ namespace BitmapBackup.Core.Formats.Qcow2;
 /// it when the image flushes, after the L2/L1 entries that dropped the references are on disk. Until then the
 /// cluster keeps its refcount, so it cannot be handed out again while an on-disk table may still point at it.
 ///
+/// Compressed data is packed (<see cref="AllocateBytes"/>): several compressed clusters share a host cluster, whose
+/// refcount is the number of compressed clusters touching it.
+///
 /// Refcount blocks are created inside the range they describe (the block counts itself); when the refcount table
 /// is too small it is replaced by a larger one at the end of the file (<see cref="GrowTable"/>).
 /// </summary>
@@ -29,6 +32,7 @@ internal sealed class Qcow2Allocator
     private readonly Dictionary<long, ulong> _pendingFrees = new();
     private long _freeHint;
     private long _endCluster;
+    private long _freeByteOffset; // next free byte of the host cluster compressed data is packed into; 0: none
 
     private Qcow2Allocator(Qcow2File file, Qcow2Refcounts refcounts, Qcow2MetadataRegions regions, Qcow2Header header)
     {
@@ -145,6 +149,48 @@ internal sealed class Qcow2Allocator
     }
 
     /// <summary>
+    /// Allocate <paramref name="size"/> bytes (1 to a cluster) for compressed data, as QEMU's qcow2_alloc_bytes:
+    /// right after the previous compressed data when it fits in that host cluster, or when the cluster allocated
+    /// next happens to follow it in the file (the spec lets compressed data run on into the next contiguous
+    /// cluster); else at the start of a new cluster. Every host cluster the bytes touch gets one more reference
+    /// (in memory: flushed before the L2 entry that points at them, like any allocation). A cluster whose refcount
+    /// is at its maximum is not packed into.
+    /// </summary>
+    public long AllocateBytes(int size)
+    {
+        long clusterSize = 1L << _clusterBits;
+        long mask = clusterSize - 1;
+        if (size <= 0 || size > clusterSize)
+            throw new ArgumentOutOfRangeException(nameof(size), size, "compressed data must be 1 byte to one cluster long");
+        long offset = _freeByteOffset;
+        if (offset != 0 && _refcounts.Get(offset >> _clusterBits) >= _refcounts.MaxRefcount)
+            offset = 0;
+        if (offset != 0 && clusterSize - (offset & mask) >= size)
+        {
+            Increment(offset >> _clusterBits);
+        }
+        else
+        {
+            long cluster = AllocateCluster(); // refcount 1: the new data's reference
+            if (offset != 0 && ((offset + mask) & ~mask) == cluster)
+                Increment(offset >> _clusterBits); // runs on from the current cluster into the new one
+            else
+                offset = cluster;
+        }
+        long next = offset + size;
+        _freeByteOffset = (next & mask) == 0 ? 0 : next;
+        return offset;
+    }
+
+    private void Increment(long cluster)
+    {
+        ulong refcount = _refcounts.Get(cluster);
+        if (refcount == 0)
+            Qcow2Errors.Corrupt(_file.Path, $"cluster {cluster} (offset {cluster << _clusterBits}) holds compressed data but its refcount is 0");
+        _refcounts.Set(cluster, refcount + 1);
+    }
+
+    /// <summary>
     /// Record that one reference to each cluster of [offset, offset + length) was dropped. The caller has already
     /// removed the reference from its (in-memory) table.
     /// </summary>
@@ -184,7 +230,11 @@ internal sealed class Qcow2Allocator
             ulong refcount = _refcounts.Get(c) - n;
             _refcounts.Set(c, refcount);
             if (refcount == 0)
+            {
                 _freeHint = Math.Min(_freeHint, c);
+                if (_freeByteOffset != 0 && _freeByteOffset >> _clusterBits == c)
+                    _freeByteOffset = 0; // free now, and may be handed out for anything: pack elsewhere
+            }
         }
         _pendingFrees.Clear();
     }

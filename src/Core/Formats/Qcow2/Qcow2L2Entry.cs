@@ -39,6 +39,23 @@ internal readonly record struct Qcow2L2Entry(ulong Raw)
 
     public static Qcow2L2Entry ForData(long hostOffset) => new((ulong)hostOffset | CopiedFlag);
 
+    /// <summary>
+    /// A compressed cluster descriptor for <paramref name="length"/> bytes of deflate data at host byte
+    /// <paramref name="hostOffset"/>: the offset, and the number of 512-byte sectors the data touches beyond the
+    /// one holding its first byte (QEMU's <c>nb_csectors</c>). COPIED is never set on compressed clusters.
+    /// </summary>
+    public static Qcow2L2Entry ForCompressed(long hostOffset, int length, int clusterBits)
+    {
+        int shift = CompressedOffsetBits(clusterBits);
+        ulong sectors = (ulong)(((hostOffset + length - 1) / CompressedSectorSize) - (hostOffset / CompressedSectorSize));
+        System.Diagnostics.Debug.Assert(length > 0 && hostOffset > 0 && hostOffset < 1L << shift, "compressed offset out of range");
+        System.Diagnostics.Debug.Assert(sectors < 1UL << (clusterBits - 8), "compressed size out of range");
+        return new(CompressedFlag | (sectors << shift) | (ulong)hostOffset);
+    }
+
+    /// <summary>Width of the host offset field of a compressed descriptor: x = 62 - (cluster_bits - 8).</summary>
+    public static int CompressedOffsetBits(int clusterBits) => 62 - (clusterBits - 8);
+
     public bool IsCopied => (Raw & CopiedFlag) != 0;
 
     public bool IsCompressed => (Raw & CompressedFlag) != 0;

@@ -13,7 +13,7 @@ public sealed class ClearBitmapAction(BlockNode node, string name) : ITransactio
 
     public IEnumerable<BlockNode> Nodes => [node];
 
-    public void Check(TransactionPlan plan) => plan.Resolve(node, name)?.Check(BitmapUse.Default);
+    public void Check(TransactionPlan plan) => plan.Resolve(node, name, BitmapUse.Default);
 
     public void Prepare()
     {

@@ -18,10 +18,10 @@ public sealed class MergeBitmapAction(BlockNode node, string name, IReadOnlyList
         if (sources.Count == 0)
             Errors.Throw.Block(Errors.ErrorIds.MergeSourceMissing, Errors.BlockErrorCategory.InvalidArgument,
                 $"Merging into bitmap '{name}' on node '{node.Name}' needs at least one source bitmap.", name);
-        plan.Resolve(node, name)?.Check(BitmapUse.Default);
+        plan.Resolve(node, name, BitmapUse.Default);
         foreach ((BlockNode n, string s) in sources)
         {
-            plan.Resolve(n, s)?.Check(BitmapUse.AllowReadOnly);
+            plan.Resolve(n, s, BitmapUse.AllowReadOnly);
             if (n.Size != node.Size)
                 Errors.Throw.Block(Errors.ErrorIds.BitmapSizeMismatch, Errors.BlockErrorCategory.InvalidArgument,
                     $"Bitmaps are of different sizes (destination '{name}' on node '{node.Name}' covers {node.Size} bytes, source '{s}' on node '{n.Name}' covers {n.Size} bytes) and can't be merged.", s);

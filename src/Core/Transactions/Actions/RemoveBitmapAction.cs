@@ -7,6 +7,7 @@ namespace BitmapBackup.Core.Transactions.Actions;
 public sealed class RemoveBitmapAction(BlockNode node, string name) : ITransactionAction
 {
     private DirtyBitmap? _removed;
+    private int _position;
 
     public string Description => $"remove bitmap '{name}' from node '{node.Name}'";
 
@@ -14,21 +15,21 @@ public sealed class RemoveBitmapAction(BlockNode node, string name) : ITransacti
 
     public void Check(TransactionPlan plan)
     {
-        plan.Resolve(node, name)?.Check(BitmapUse.Remove);
+        plan.Resolve(node, name, BitmapUse.Remove);
         plan.Remove(node, name);
     }
 
     public void Prepare()
     {
         DirtyBitmap bitmap = node.GetBitmap(name);
-        node.RemoveBitmap(bitmap);
+        _position = node.RemoveBitmap(bitmap);
         _removed = bitmap;
     }
 
     public void Abort()
     {
         if (_removed is not null)
-            node.RestoreBitmap(_removed);
+            node.RestoreBitmap(_removed, _position);
     }
 
     public void Commit()

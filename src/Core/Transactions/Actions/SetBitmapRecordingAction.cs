@@ -13,7 +13,7 @@ public sealed class SetBitmapRecordingAction(BlockNode node, string name, bool e
 
     public IEnumerable<BlockNode> Nodes => [node];
 
-    public void Check(TransactionPlan plan) => plan.Resolve(node, name)?.Check(BitmapUse.AllowReadOnly);
+    public void Check(TransactionPlan plan) => plan.Resolve(node, name, BitmapUse.AllowReadOnly);
 
     public void Prepare()
     {

@@ -1,3 +1,4 @@
+using BitmapBackup.Core.Bitmaps;
 using BitmapBackup.Core.Jobs;
 using BitmapBackup.Core.Nodes;
 
@@ -23,8 +24,17 @@ public sealed class StartBackupAction(BackupRequest request, BackupTargetOptions
 
     public void Check(TransactionPlan plan)
     {
-        if (request.BitmapName is not null && plan.Resolve(request.Source, request.BitmapName) is null)
-            return; // added earlier in this transaction: checked in full when prepared
+        if (request.BitmapName is not null)
+        {
+            bool addedEarlier = plan.Resolve(request.Source, request.BitmapName, BitmapUse.RefuseBusy) is null;
+            plan.MarkBusy(request.Source, request.BitmapName);
+            if (addedEarlier)
+            {
+                // The bitmap does not exist yet: check everything else now, the bitmap's state when prepared.
+                ValidatedBackup.Check(request with { BitmapName = null, BitmapMode = null, Sync = request.Sync is BackupSyncMode.Bitmap or BackupSyncMode.Incremental ? BackupSyncMode.Full : request.Sync });
+                return;
+            }
+        }
         ValidatedBackup.Check(request);
     }
 
