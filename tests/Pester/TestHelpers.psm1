@@ -150,3 +150,149 @@ function Assert-BlockError {
 Export-ModuleMember -Function Get-BitmapBackupCommandName, Get-BitmapBackupModulePath, Import-BitmapBackupModule, Get-TestDirectory,
     New-TestName, New-TestDirectory, New-TestImage, New-TestNode, Close-TestNode, Get-RangeText, Get-FileBytes, Find-ByteMismatch,
     Assert-BlockError
+
+#region Backup suites (Backup*.Tests.ps1): qemu-img references and job helpers
+
+function Invoke-QemuImg {
+    <# Run qemu-img; returns ExitCode and Output (stdout and stderr as one string). Never throws on a non-zero exit. #>
+    param([Parameter(Mandatory, ValueFromRemainingArguments)] [string[]] $ArgumentList)
+    $lines = & qemu-img @ArgumentList 2>&1 | ForEach-Object { "$_" }
+    return [pscustomobject]@{ ExitCode = $LASTEXITCODE; Output = ($lines -join "`n").Trim() }
+}
+
+function Get-ImageFileFormat {
+    <# 'qcow2' when the file starts with the qcow2 magic, else 'raw' (what qemu-img -f wants). #>
+    param([Parameter(Mandatory)] [string] $Path)
+    $magic = Get-FileBytes -Path $Path -Offset 0 -Length 4
+    if ($magic.Length -eq 4 -and $magic[0] -eq 0x51 -and $magic[1] -eq 0x46 -and $magic[2] -eq 0x49 -and $magic[3] -eq 0xfb) { return 'qcow2' }
+    return 'raw'
+}
+
+function Compare-QemuImage {
+    <#
+    qemu-img compare of two images (each with its backing chain), formats given explicitly. Returns ExitCode
+    (0 identical, 1 different, 2 error) and Output.
+    #>
+    param([Parameter(Mandatory)] [string] $Path, [Parameter(Mandatory)] [string] $Reference)
+    return Invoke-QemuImg compare -f (Get-ImageFileFormat $Path) -F (Get-ImageFileFormat $Reference) $Path $Reference
+}
+
+function Assert-QemuImageEqual {
+    <# qemu-img compare must say the image (with its chain) reads exactly like the reference. #>
+    param([Parameter(Mandatory)] [string] $Path, [Parameter(Mandatory)] [string] $Reference)
+    $r = Compare-QemuImage -Path $Path -Reference $Reference
+    $r.ExitCode | Should -Be 0 -Because "qemu-img compare '$Path' '$Reference' said: $($r.Output)"
+}
+
+function Get-QemuImageCheck {
+    <#
+    qemu-img check --output=json of a qcow2 image: its JSON fields (check-errors, allocated-clusters,
+    compressed-clusters, leaks, corruptions...) plus ExitCode (0 clean, 2 corrupt, 3 leaks) and Output.
+    #>
+    param([Parameter(Mandatory)] [string] $Path)
+    $r = Invoke-QemuImg check --output=json -f qcow2 $Path
+    $info = $null
+    try { $info = $r.Output | ConvertFrom-Json -AsHashtable } catch { $info = @{} }
+    if ($null -eq $info) { $info = @{} }
+    foreach ($key in 'corruptions', 'leaks', 'check-errors', 'compressed-clusters', 'allocated-clusters') {
+        if (-not $info.ContainsKey($key)) { $info[$key] = 0 }
+    }
+    $info['ExitCode'] = $r.ExitCode
+    $info['Output'] = $r.Output
+    return [pscustomobject]$info
+}
+
+function Assert-QemuImageCheck {
+    <# qemu-img check must find no corruption, no leak and no error in the qcow2 image; returns the check. #>
+    param([Parameter(Mandatory)] [string] $Path)
+    $c = Get-QemuImageCheck -Path $Path
+    $c.ExitCode | Should -Be 0 -Because "qemu-img check '$Path' said: $($c.Output)"
+    $c.corruptions | Should -Be 0
+    $c.leaks | Should -Be 0
+    $c.'check-errors' | Should -Be 0
+    return $c
+}
+
+function Get-QemuImageMap {
+    <# qemu-img map --output=json of an image: its extents (start, length, depth, zero, data). #>
+    param([Parameter(Mandatory)] [string] $Path)
+    $r = Invoke-QemuImg map --output=json -f (Get-ImageFileFormat $Path) $Path
+    if ($r.ExitCode -ne 0) { throw "qemu-img map '$Path' failed: $($r.Output)" }
+    return @($r.Output | ConvertFrom-Json)
+}
+
+function Save-NodeSnapshot {
+    <#
+    Copy what a node reads now into a new sparse raw file (Read-BlockNode 4 MiB at a time; all-zero pieces stay
+    holes): the reference that qemu-img compares a backup with, standing for QEMU's reference backups.
+    Returns the path.
+    #>
+    param([Parameter(Mandatory)] [string] $Node, [Parameter(Mandatory)] [string] $Path)
+    $size = (Get-BlockNode -Name $Node -ErrorAction Stop).Size
+    $zeros = [byte[]]::new(4MB)
+    $fs = [IO.File]::Open($Path, [IO.FileMode]::CreateNew, [IO.FileAccess]::Write)
+    try {
+        $fs.SetLength($size)
+        for ($offset = 0L; $offset -lt $size; $offset += 4MB) {
+            $length = [Math]::Min(4MB, $size - $offset)
+            $bytes = Read-BlockNode -Node $Node -Offset $offset -Length $length -ErrorAction Stop
+            if ($length -ne $zeros.Length) { $zeros = [byte[]]::new($length) }
+            if (-not [Linq.Enumerable]::SequenceEqual($bytes, $zeros)) {
+                $fs.Position = $offset
+                $fs.Write($bytes, 0, $bytes.Length)
+            }
+        }
+    }
+    finally { $fs.Dispose() }
+    return $Path
+}
+
+function Wait-BackupStatus {
+    <# Poll a backup job (BackupPSJob) until its Status is one of -Status; throws after -TimeoutSeconds. #>
+    param([Parameter(Mandatory)] $Job, [Parameter(Mandatory)] [string[]] $Status, [double] $TimeoutSeconds = 30)
+    $deadline = [DateTime]::UtcNow.AddSeconds($TimeoutSeconds)
+    while ([string]$Job.Status -notin $Status) {
+        if ([DateTime]::UtcNow -gt $deadline) {
+            throw "Backup job '$($Job.Name)' is still $($Job.Status) (State $($Job.JobStateInfo.State)) after $TimeoutSeconds s, not $($Status -join ' or ')."
+        }
+        Start-Sleep -Milliseconds 10
+    }
+}
+
+function Get-ClusterRangeText {
+    <#
+    The "offset+length" strings Get-RangeText gives for a bitmap whose dirty clusters (indices) are given:
+    contiguous clusters merge, the last range is clipped to -NodeSize.
+    #>
+    param([AllowEmptyCollection()] [long[]] $Cluster = @(), [long] $Granularity = 64KB, [long] $NodeSize = [long]::MaxValue)
+    $sorted = @($Cluster | Sort-Object -Unique)
+    $text = [Collections.Generic.List[string]]::new()
+    $i = 0
+    while ($i -lt $sorted.Count) {
+        $j = $i
+        while ($j + 1 -lt $sorted.Count -and $sorted[$j + 1] -eq $sorted[$j] + 1) { $j++ }
+        $start = $sorted[$i] * $Granularity
+        $end = [Math]::Min(($sorted[$j] + 1) * $Granularity, $NodeSize)
+        $text.Add(('{0}+{1}' -f $start, ($end - $start)))
+        $i = $j + 1
+    }
+    return [string[]]$text
+}
+
+function Get-WriteCluster {
+    <# The cluster indices that writes (@(offset, length) pairs) touch at -Granularity, sorted and unique. #>
+    param([Parameter(Mandatory)] [object[]] $Write, [long] $Granularity = 64KB)
+    $set = [Collections.Generic.SortedSet[long]]::new()
+    foreach ($w in $Write) {
+        $first = [Math]::Floor([long]$w[0] / $Granularity)
+        $last = [Math]::Floor(([long]$w[0] + [long]$w[1] - 1) / $Granularity)
+        for ($c = [long]$first; $c -le $last; $c++) { $null = $set.Add($c) }
+    }
+    return [long[]]@($set)
+}
+
+Export-ModuleMember -Function Invoke-QemuImg, Get-ImageFileFormat, Compare-QemuImage, Assert-QemuImageEqual,
+    Get-QemuImageCheck, Assert-QemuImageCheck, Get-QemuImageMap, Save-NodeSnapshot, Wait-BackupStatus, Get-ClusterRangeText,
+    Get-WriteCluster
+
+#endregion
