@@ -17,6 +17,7 @@ BeforeAll {
 
 Describe 'Persistent bitmaps across processes (<Format>)' -ForEach @(
     @{ Format = 'Raw'; Extension = '.img' }
+    @{ Format = 'Qcow2'; Extension = '.qcow2' }
 ) {
     BeforeEach {
         $dir = New-TestDirectory
@@ -98,5 +99,69 @@ Start-Sleep -Seconds 120
         Remove-DirtyBitmap -Node disk -Name pers
         Close-BlockNode disk
         @(Get-DirtyBitmap -Path $path).Count | Should -Be 0
+    }
+}
+
+Describe 'Persistent qcow2 bitmaps and QEMU' -Skip:(-not (Get-Command qemu-img -ErrorAction SilentlyContinue)) {
+    BeforeEach {
+        $dir = New-TestDirectory
+        $path = Join-Path $dir 'disk.qcow2'
+    }
+    AfterEach { Close-TestNode }
+
+    It 'reads a bitmap added by qemu-img and dirtied by qemu-io, and an incremental backup from it verifies' {
+        & qemu-img create -q -f qcow2 $path 16M
+        & qemu-io -f qcow2 -c 'write -q -P 0x41 0 4M' $path | Out-Null
+        & qemu-img convert -f qcow2 -O qcow2 $path (Join-Path $dir 'full.qcow2')   # the "full backup"
+        & qemu-img bitmap --add -g 65536 $path qb
+        & qemu-io -f qcow2 -c 'write -q -P 0x42 1M 100k' -c 'write -q -P 0x43 9M 4k' -c 'write -q -z 12M 64k' $path | Out-Null
+        $stored = Get-DirtyBitmap -Path $path -Name qb
+        $stored.Flags | Should -Be @('auto')
+        $null = Open-BlockNode -Path $path -Name disk
+        Get-RangeText -Node disk -Name qb | Should -Be @('1048576+131072', '9437184+65536', '12582912+65536')
+        $r = Start-IncrementalBackup -Node disk -Target (Join-Path $dir 'inc.qcow2') -Sync Incremental -Bitmap qb -BackingFile full.qcow2 -Wait
+        $r.Succeeded | Should -BeTrue
+        (Get-DirtyBitmap -Node disk -Name qb).Count | Should -Be 0
+        Close-BlockNode disk
+        Assert-QemuImageEqual -Path (Join-Path $dir 'inc.qcow2') -Reference $path
+        $null = Assert-QemuImageCheck -Path (Join-Path $dir 'inc.qcow2')
+        $null = Assert-QemuImageCheck -Path $path
+    }
+
+    It 'stores bitmaps that qemu-img lists, merges and removes, clean after every step' {
+        $null = New-BlockImage -Path $path -Size 16MB
+        $null = Open-BlockNode -Path $path -Name disk
+        $null = New-DirtyBitmap -Node disk -Name ours -Persistent
+        $null = New-DirtyBitmap -Node disk -Name other -Persistent -Disabled -Granularity 128KB
+        Write-BlockNode -Node disk -Offset 2MB -Pattern 1 -Length 1MB
+        Close-BlockNode disk
+        $null = Assert-QemuImageCheck -Path $path
+        $bitmaps = (& qemu-img info --output=json $path | ConvertFrom-Json).'format-specific'.data.bitmaps
+        ($bitmaps | Where-Object name -eq ours).flags | Should -Be @('auto')
+        ($bitmaps | Where-Object name -eq other).flags | Should -BeNullOrEmpty
+        ($bitmaps | Where-Object name -eq other).granularity | Should -Be 131072
+        & qemu-img bitmap --merge ours $path other; $LASTEXITCODE | Should -Be 0
+        $null = Assert-QemuImageCheck -Path $path
+        (Get-DirtyBitmap -Path $path -Name other).Count | Should -Be 1MB
+        & qemu-img bitmap --remove $path ours; $LASTEXITCODE | Should -Be 0
+        $null = Assert-QemuImageCheck -Path $path
+        @(Get-DirtyBitmap -Path $path).Name | Should -Be @('other')
+        $null = Open-BlockNode -Path $path -Name disk
+        Get-RangeText -Node disk -Name other | Should -Be @('2097152+1048576')
+    }
+
+    It 'keeps an incremental chain right across three processes (full; writes, close; reopen, incremental; ...)' {
+        $null = New-BlockImage -Path $path -Size 32MB
+        $steps = @(
+            "`$null = Open-BlockNode -Path '$path' -Name disk; Write-BlockNode -Node disk -Offset 0 -Pattern 1 -Length 8MB; `$null = New-DirtyBitmap -Node disk -Name b -Persistent; `$null = Start-IncrementalBackup -Node disk -Target '$dir/full.qcow2' -Sync Full -Bitmap b -BitmapMode OnSuccess -Wait; Write-BlockNode -Node disk -Offset 3MB -Pattern 2 -Length 1MB; Close-BlockNode disk"
+            "`$null = Open-BlockNode -Path '$path' -Name disk; `$null = Start-IncrementalBackup -Node disk -Target '$dir/inc1.qcow2' -Sync Incremental -Bitmap b -BackingFile full.qcow2 -Wait; Write-BlockNode -Node disk -Offset 20MB -Pattern 3 -Length 64KB; Write-BlockNode -Node disk -Offset 0 -Zero -Length 64KB; Close-BlockNode disk"
+            "`$null = Open-BlockNode -Path '$path' -Name disk; `$r = Start-IncrementalBackup -Node disk -Target '$dir/inc2.qcow2' -Sync Incremental -Bitmap b -BackingFile inc1.qcow2 -Wait; `$r.BytesCopied; Close-BlockNode disk"
+        )
+        $out = foreach ($step in $steps) { Invoke-ChildPwsh $step }
+        [long]($out | Select-Object -Last 1) | Should -Be (2 * 64KB)
+        Assert-QemuImageEqual -Path "$dir/inc2.qcow2" -Reference $path
+        foreach ($f in 'full', 'inc1', 'inc2') { $null = Assert-QemuImageCheck -Path "$dir/$f.qcow2" }
+        $null = Assert-QemuImageCheck -Path $path
+        (Get-DirtyBitmap -Path $path -Name b).Count | Should -Be 0
     }
 }

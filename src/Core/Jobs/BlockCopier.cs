@@ -260,12 +260,14 @@ internal sealed class BlockCopier : IWriteInterceptor
 
     private void CopyData(long offset, long length)
     {
-        byte[] buffer = ArrayPool<byte>.Shared.Rent((int)Math.Min(length, MaxChunk));
+        // Whole job clusters per write (up to 2 MiB), so that a compressing target sees whole clusters.
+        int chunk = (int)Math.Min(length, Math.Max(MaxChunk, ClusterSize));
+        byte[] buffer = ArrayPool<byte>.Shared.Rent(chunk);
         try
         {
             for (long done = 0; done < length;)
             {
-                int n = (int)Math.Min(length - done, buffer.Length);
+                int n = (int)Math.Min(length - done, chunk);
                 Span<byte> data = buffer.AsSpan(0, n);
                 try
                 {
