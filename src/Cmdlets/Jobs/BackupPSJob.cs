@@ -58,8 +58,16 @@ public sealed class BackupPSJob : Job2
     /// <summary>Start the engine job (it was frozen by the caller) and follow it.</summary>
     public override void StartJob()
     {
-        SetJobState(JobState.Running);
-        _progressTimer.Change(TimeSpan.Zero, ProgressInterval);
+        lock (_progressLock)
+        {
+            // The engine job may have concluded already (a transaction runs its jobs before they are wrapped):
+            // then Conclude has set the final state, which Running must not overwrite.
+            if (Volatile.Read(ref _finished) == 0)
+            {
+                SetJobState(JobState.Running);
+                _progressTimer.Change(TimeSpan.Zero, ProgressInterval);
+            }
+        }
         if (Backup.Status == BlockJobStatus.Created)
             Backup.Run();
         else
@@ -83,20 +91,7 @@ public sealed class BackupPSJob : Job2
         Finished.WaitOne(TimeSpan.FromSeconds(30));
     }
 
-    public override void StopJobAsync()
-        => Task.Run(() =>
-        {
-            Exception? error = null;
-            try
-            {
-                StopJob();
-            }
-            catch (Exception e)
-            {
-                error = e;
-            }
-            OnStopJobCompleted(new AsyncCompletedEventArgs(error, false, null));
-        });
+    public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
 
     public override void StopJob(bool force, string reason) => StopJob();
 
@@ -108,20 +103,7 @@ public sealed class BackupPSJob : Job2
         Backup.Pause();
     }
 
-    public override void SuspendJobAsync()
-        => Task.Run(() =>
-        {
-            Exception? error = null;
-            try
-            {
-                SuspendJob();
-            }
-            catch (Exception e)
-            {
-                error = e;
-            }
-            OnSuspendJobCompleted(new AsyncCompletedEventArgs(error, false, null));
-        });
+    public override void SuspendJobAsync() => RunAsync(SuspendJob, OnSuspendJobCompleted);
 
     public override void SuspendJob(bool force, string reason) => SuspendJob();
 
@@ -133,19 +115,25 @@ public sealed class BackupPSJob : Job2
         Backup.Resume();
     }
 
-    public override void ResumeJobAsync()
+    public override void ResumeJobAsync() => RunAsync(ResumeJob, OnResumeJobCompleted);
+
+    /// <summary>
+    /// Run a verb on the thread pool and always raise its completion event (without it Stop-Job and
+    /// Remove-Job -Force wait forever).
+    /// </summary>
+    private static void RunAsync(Action verb, Action<AsyncCompletedEventArgs> completed)
         => Task.Run(() =>
         {
             Exception? error = null;
             try
             {
-                ResumeJob();
+                verb();
             }
             catch (Exception e)
             {
                 error = e;
             }
-            OnResumeJobCompleted(new AsyncCompletedEventArgs(error, false, null));
+            completed(new AsyncCompletedEventArgs(error, false, null));
         });
 
     public override void UnblockJob() => throw new NotSupportedException("Backup jobs never block.");
@@ -156,6 +144,8 @@ public sealed class BackupPSJob : Job2
 
     private void OnStatusChanged(BackupJob job, BlockJobStatus status)
     {
+        if (status != BlockJobStatus.Concluded && IsFinished)
+            return;
         switch (status)
         {
             case BlockJobStatus.Running:
