@@ -463,7 +463,7 @@ Start-Sleep -Seconds 120
         foreach ($case in @(
                 @{ Sync = 'Incremental'; BackingFile = 'crashfull.qcow2' }
                 @{ Sync = 'Bitmap'; BitmapMode = 'Never'; BackingFile = 'crashfull.qcow2' }
-                @{ Sync = 'Full'; BitmapMode = 'OnSuccess' }
+                @{ Sync = 'Top'; BitmapMode = 'OnSuccess' }
                 @{ Sync = 'None'; BitmapMode = 'Always' })) {   # the consistency check comes before the sync-none check
             $null = Assert-BlockError { Start-IncrementalBackup -Node $name -Target $crashTarget -Bitmap pers @case -ErrorAction Stop } `
                 -ErrorId "BitmapInconsistent,$Start" -MessageContains "'pers'"
@@ -472,11 +472,19 @@ Start-Sleep -Seconds 120
         }
         $null = Assert-BlockError { Start-IncrementalBackup -Node $name -Target $crashTarget -Sync Full -Bitmap pers -ErrorAction Stop } `
             -ErrorId "BitmapModeRequired,$Start"
-        # Removing it is the way out, as in QEMU.
-        Remove-DirtyBitmap -Node $name -Name pers -Confirm:$false
-        $null = New-DirtyBitmap -Node $name -Name pers
+        # The documented way back: a full backup that resets the bitmap re-anchors it (QEMU would only allow removal).
         $r = Start-IncrementalBackup -Node $name -Target $crashTarget -Sync Full -Bitmap pers -BitmapMode OnSuccess -Wait
         $r.Succeeded | Should -BeTrue
+        $b = Get-DirtyBitmap -Node $name -Name pers
+        $b.Inconsistent | Should -BeFalse
+        $b.Recording | Should -BeTrue
+        $b.Count | Should -Be 0
+        Write-BlockNode -Node $name -Offset 5MB -Pattern 9 -Length 4KB
+        $inc = Join-Path $d.Dir 'crashinc.qcow2'
+        $r = Start-IncrementalBackup -Node $name -Target $inc -Sync Incremental -Bitmap pers -BackingFile crash.qcow2 -Wait
+        $r.BytesCopied | Should -Be 64KB
+        $raw2 = Save-NodeSnapshot -Node $name -Path (Join-Path $d.Dir 'now.raw')
+        Assert-QemuImageEqual -Path $inc -Reference $raw2
     }
 }
 

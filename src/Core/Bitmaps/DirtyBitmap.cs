@@ -98,7 +98,7 @@ public sealed class DirtyBitmap
                     $"Bitmap '{Name}' on node '{Node.Name}' is read-only because the node was opened read-only; it can only be enabled or disabled.", Name);
             if ((use & BitmapUse.RefuseInconsistent) != 0 && Inconsistent)
                 Throw.Block(ErrorIds.BitmapInconsistent, BlockErrorCategory.InvalidOperation,
-                    $"Bitmap '{Name}' on node '{Node.Name}' is inconsistent (it was not saved cleanly and may have missed writes) and cannot be used. Remove it with Remove-DirtyBitmap and take a full backup to start a new chain.", Name);
+                    $"Bitmap '{Name}' on node '{Node.Name}' is inconsistent (it was not saved cleanly and may have missed writes) and cannot be used. Start a new chain with a full backup that re-anchors it: Start-IncrementalBackup -Sync Full -Bitmap '{Name}' -BitmapMode OnSuccess (the bitmap is consistent again once it succeeds); or remove it with Remove-DirtyBitmap.", Name);
         }
     }
 
@@ -289,12 +289,17 @@ public sealed class DirtyBitmap
     /// same granularity and recording state takes every later write. Call while no write is in flight
     /// (<see cref="BlockNode.Quiesce"/>) so each write lands wholly before or after the point in time.
     /// </summary>
-    public DirtyBitmap CreateSuccessor()
+    /// <param name="repair">
+    /// For a full backup that re-anchors an inconsistent bitmap: allowed although it is inconsistent, the
+    /// successor records from the start, and a successful <see cref="Abdicate"/> makes the bitmap consistent again.
+    /// </param>
+    public DirtyBitmap CreateSuccessor(bool repair = false)
     {
         lock (Node.Sync)
         {
-            Check(BitmapUse.AllowReadOnly);
-            var successor = new DirtyBitmap(Node, null, Granularity, _disabled, persistent: false) { Parent = this };
+            Check(repair ? BitmapUse.RefuseBusy : BitmapUse.AllowReadOnly);
+            bool recordsFromNow = repair && Inconsistent;
+            var successor = new DirtyBitmap(Node, null, Granularity, recordsFromNow ? false : _disabled, persistent: false) { Parent = this };
             Successor = successor;
             _disabled = true;
             Busy = true;
@@ -310,6 +315,7 @@ public sealed class DirtyBitmap
         {
             DirtyBitmap successor = RequireSuccessor();
             _bits = successor._bits;
+            Inconsistent = false; // re-anchored by a full backup: exactly the writes since its point in time
             EndSuccession(successor);
         }
     }
@@ -330,7 +336,7 @@ public sealed class DirtyBitmap
 
     private void EndSuccession(DirtyBitmap successor)
     {
-        _disabled = successor._disabled;
+        _disabled = Inconsistent || successor._disabled; // an inconsistent bitmap never records
         Busy = false;
         Successor = null;
         successor.Parent = null;

@@ -163,7 +163,7 @@ public sealed class BackupJob
                 toCopy.SetAll();
                 break;
         }
-        _spec.Bitmap?.CreateSuccessor();
+        _spec.Bitmap?.CreateSuccessor(repair: _spec.RepairsBitmap);
         var policy = new CopyPolicy(
             SkipUnallocated: _spec.Sync is BackupSyncMode.Full && _target.Created && _target.Image.BackingFile is null,
             ZeroesAsZeroClusters: _spec.Sync == BackupSyncMode.Bitmap,

@@ -44,7 +44,7 @@ public sealed record BackupRequest
 }
 
 /// <summary>A request after QEMU's checks: the bitmap found and the effective modes.</summary>
-public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync, DirtyBitmap? Bitmap, BitmapSyncMode? BitmapMode)
+public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync, DirtyBitmap? Bitmap, BitmapSyncMode? BitmapMode, bool RepairsBitmap = false)
 {
     /// <summary>
     /// Check a request in the order QEMU's blockdev-backup does (do_backup_common, backup_job_create), each
@@ -67,6 +67,7 @@ public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync,
             mode = BitmapSyncMode.OnSuccess;
         }
         DirtyBitmap? bitmap = null;
+        bool repair = false;
         if (r.BitmapName is not null)
         {
             bitmap = r.Source.FindBitmap(r.BitmapName)
@@ -75,7 +76,9 @@ public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync,
             if (mode is null)
                 Throw.Block(ErrorIds.BitmapModeRequired, BlockErrorCategory.InvalidArgument,
                     $"Bitmap mode must be given when providing a bitmap ('{r.BitmapName}' on node '{node}'): -BitmapMode OnSuccess, Always or Never.", r.BitmapName);
-            bitmap.Check(BitmapUse.AllowReadOnly);
+            // The way back from an inconsistent bitmap: a full backup that resets it re-anchors it (QEMU refuses).
+            repair = bitmap.Inconsistent && sync == BackupSyncMode.Full && mode is BitmapSyncMode.OnSuccess or BitmapSyncMode.Always;
+            bitmap.Check(repair ? BitmapUse.RefuseBusy : BitmapUse.AllowReadOnly);
             if (sync == BackupSyncMode.None)
                 Throw.Block(ErrorIds.BitmapWithSyncNone, BlockErrorCategory.InvalidArgument,
                     $"-Sync None does not produce meaningful bitmap outputs (bitmap '{r.BitmapName}' on node '{node}').", r.BitmapName);
@@ -83,7 +86,7 @@ public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync,
                 Throw.Block(ErrorIds.BitmapModeNeverMeaningless, BlockErrorCategory.InvalidArgument,
                     $"Bitmap mode Never has no meaningful effect when combined with -Sync {sync} (bitmap '{r.BitmapName}' on node '{node}').", r.BitmapName);
             if (mode != BitmapSyncMode.Never)
-                bitmap.Check(BitmapUse.Default);
+                bitmap.Check(repair ? BitmapUse.RefuseBusy | BitmapUse.RefuseReadOnly : BitmapUse.Default);
         }
         else if (mode is not null)
         {
@@ -101,6 +104,6 @@ public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync,
             Throw.Block(ErrorIds.SourceIsTarget, BlockErrorCategory.InvalidArgument, $"Source and target cannot be the same ('{target}' is node '{node}').", target);
         if (r.BytesPerSecond < 0)
             Throw.Block(ErrorIds.InvalidSpeed, BlockErrorCategory.InvalidArgument, $"-BytesPerSecond expects a non-negative value, not {r.BytesPerSecond}.", r.BytesPerSecond);
-        return new ValidatedBackup(r with { Target = target }, sync, bitmap, mode);
+        return new ValidatedBackup(r with { Target = target }, sync, bitmap, mode, repair);
     }
 }
