@@ -4,6 +4,8 @@ using BitmapBackup.Bench;
 var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIgnoreCase)
 {
     ["bitmap"] = BitmapBench.Run,
+    ["qcow2"] = Qcow2Bench.Run,
+    ["backup"] = BackupBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;
