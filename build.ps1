@@ -4,7 +4,7 @@
     Every task of the BitmapBackup repository: Build, Help, Test, Demo, Bench, Package.
 .DESCRIPTION
     Run with the repository's own PowerShell (dotnet tool restore; dotnet pwsh ./build.ps1 <Task>).
-    Build stages a ready module folder in out/BitmapBackup. Test runs the xunit suite of Core and the Pester
+    Build stages a ready module folder in out/BitmapBackup, its help (from docs/help) included. Test runs the xunit suite of Core and the Pester
     suite of the cmdlets (in a fresh child pwsh, since a binary module cannot be reloaded) and ends with one
     line "N passed, N failed, N skipped"; it exits non-zero on any failure.
 .EXAMPLE
@@ -84,13 +84,15 @@ function Task-Build {
     }
     Copy-Item (Join-Path $Root 'Module/*') $ModuleDir
     $null = Test-ModuleManifest (Join-Path $ModuleDir "$ModuleName.psd1")
-    Write-Host "Module staged in $ModuleDir"
+    # The staged module is complete: Get-Help reads the MAML built from docs/help (strict: a stale page fails the build).
+    $code = Invoke-ChildPwsh (Join-Path $Root 'build/Help.ps1') @('-Mode', 'Maml', '-Strict', '-ModulePath', (Join-Path $ModuleDir "$ModuleName.psd1"), '-DocsPath', (Join-Path $Root 'docs/help'))
+    if ($code -ne 0) { throw "Help generation failed (exit code $code)." }
+    Write-Host "Module staged in $ModuleDir, help included"
 }
 
 function Task-Help {
+    # Help is part of every build; the task stays for scripts that name it.
     Invoke-Task Build
-    $code = Invoke-ChildPwsh (Join-Path $Root 'build/Help.ps1') @('-Mode', 'Maml', '-Strict', '-ModulePath', (Join-Path $ModuleDir "$ModuleName.psd1"), '-DocsPath', (Join-Path $Root 'docs/help'))
-    if ($code -ne 0) { throw "Help generation failed (exit code $code)." }
 }
 
 function Task-HelpScaffold {

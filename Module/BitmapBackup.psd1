@@ -11,7 +11,7 @@
     FormatsToProcess     = @('BitmapBackup.format.ps1xml')
     CmdletsToExport      = @(
         'New-BlockImage', 'Get-BlockImage', 'Open-BlockNode', 'Get-BlockNode', 'Close-BlockNode', 'Resize-BlockNode',
-        'Write-BlockNode', 'Read-BlockNode',
+        'Write-BlockNode', 'Read-BlockNode', 'Sync-BlockNode',
         'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
         'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange',
         'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup',

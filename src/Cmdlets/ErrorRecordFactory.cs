@@ -23,6 +23,8 @@ internal static class ErrorRecordFactory
         BlockErrorCategory.ReadError => ErrorCategory.ReadError,
         BlockErrorCategory.WriteError => ErrorCategory.WriteError,
         BlockErrorCategory.InvalidData => ErrorCategory.InvalidData,
+        BlockErrorCategory.OperationTimeout => ErrorCategory.OperationTimeout,
+        BlockErrorCategory.LimitsExceeded => ErrorCategory.LimitsExceeded,
         _ => ErrorCategory.NotSpecified,
     };
 }

@@ -66,6 +66,36 @@ Describe 'Format views' {
         $data.FormatViewDefinition[0].Control | Should -BeOfType [System.Management.Automation.TableControl]
     }
 
+    It 'gives every enum column of every table view room for its longest value' {
+        [xml] $views = Get-Content -Raw (Join-Path (Split-Path (Get-BitmapBackupModulePath)) 'BitmapBackup.format.ps1xml')
+        $assembly = (Get-Module -Name BitmapBackup).ImplementingAssembly
+        $checked = 0
+        foreach ($view in $views.Configuration.ViewDefinitions.View) {
+            $type = $assembly.GetType($view.ViewSelectedBy.TypeName)
+            $headers = @($view.TableControl.TableHeaders.TableColumnHeader)
+            $items = @($view.TableControl.TableRowEntries.TableRowEntry.TableColumnItems.TableColumnItem)
+            for ($i = 0; $i -lt $items.Count; $i++) {
+                $property = $items[$i].SelectSingleNode('PropertyName')
+                if (-not $property) { continue }
+                $propertyType = $type.GetProperty($property.InnerText).PropertyType
+                $propertyType = [Nullable]::GetUnderlyingType($propertyType) ?? $propertyType
+                if (-not $propertyType.IsEnum) { continue }
+                $longest = ([enum]::GetNames($propertyType) | Measure-Object -Property Length -Maximum).Maximum
+                $width = $headers[$i].SelectSingleNode('Width')
+                if ($width) { [int]$width.InnerText | Should -BeGreaterOrEqual $longest -Because "$($view.Name).$($property.InnerText) shows $propertyType" }
+                $checked++
+            }
+        }
+        $checked | Should -BeGreaterThan 1
+    }
+
+    It 'shows an incremental backup''s sync mode whole' {
+        $sample = [pscustomobject]@{ Node = 'vm'; Sync = [BitmapBackup.Core.Jobs.BackupSyncMode]::Incremental; Bitmap = 'daily'; Succeeded = $true
+            BytesCopied = 1; Duration = [timespan]::FromSeconds(1); BytesPerSecond = 1; Target = '/b/inc.qcow2' }
+        $sample.PSObject.TypeNames.Insert(0, 'BitmapBackup.BackupResult')
+        ($sample | Out-String -Width 80) | Should -Match '\bIncremental\b'
+    }
+
     It 'formats a bitmap with the DirtyBitmapInfo table' {
         $node = New-TestNode
         $text = New-DirtyBitmap -Node $node.Name -Name fmtbm | Out-String -Width 200

@@ -25,6 +25,10 @@ public sealed class OpenBlockNodeCommand : BitmapBackupCmdlet
     [Parameter]
     public SwitchParameter ReadOnly { get; set; }
 
+    /// <summary>When writes become durable: WriteBack (synced within a few seconds) or WriteThrough (synced before each write returns).</summary>
+    [Parameter]
+    public CacheMode Cache { get; set; } = CacheMode.WriteBack;
+
     #endregion
 
     #region Overrides
@@ -33,7 +37,7 @@ public sealed class OpenBlockNodeCommand : BitmapBackupCmdlet
     {
         string path = ResolveFilePath(Path);
         BlockNode? node = null;
-        if (TryRun(() => node = Engine.Open(path, Name, ReadOnly)))
+        if (TryRun(() => node = Engine.Open(path, Name, ReadOnly, Cache)))
             WriteObject(new BlockNodeInfo(node!));
     }
 

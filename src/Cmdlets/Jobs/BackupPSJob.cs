@@ -80,15 +80,44 @@ public sealed class BackupPSJob : Job2
         OnStartJobCompleted(new AsyncCompletedEventArgs(null, false, null));
     }
 
-    /// <summary>Cancel the backup (QEMU's job-cancel) and wait until it has cleaned up: no dirty bit is lost.</summary>
+    /// <summary>How long Stop-Job (and Remove-Job -Force) waits for a cancelled backup to clean up.</summary>
+    public static TimeSpan StopTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// Cancel the backup (QEMU's job-cancel) and wait until it has cleaned up: no dirty bit is lost. The wait is
+    /// bounded: a backup that cannot conclude in <see cref="StopTimeout"/> (its target's storage hangs) fails with
+    /// JobStopTimedOut and can be removed; the engine still concludes it, and gives its bitmap its bits back, when
+    /// the storage answers.
+    /// </summary>
     public override void StopJob()
     {
         if (IsFinished)
             return;
         SetJobState(JobState.Stopping);
         Backup.Cancel();
-        Backup.Completion.Wait();
-        Finished.WaitOne(TimeSpan.FromSeconds(30));
+        if (!Backup.Completion.Wait(StopTimeout))
+        {
+            GiveUpWaiting();
+            return;
+        }
+        Finished.WaitOne(StopTimeout);
+    }
+
+    /// <summary>End the PowerShell job without the engine's outcome (it did not conclude within the stop bound).</summary>
+    private void GiveUpWaiting()
+    {
+        lock (_progressLock)
+        {
+            if (Volatile.Read(ref _finished) != 0)
+                return;
+            _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
+            Volatile.Write(ref _finished, 1);
+        }
+        var error = new BlockException(ErrorIds.JobStopTimedOut, BlockErrorCategory.OperationTimeout,
+            $"Backup job '{Name}' was cancelled but did not finish cleaning up within {StopTimeout.TotalSeconds:0} s (status {Backup.Status}); " +
+            "its bitmap stays busy until it does, and the job can be removed.", Name);
+        Error.Add(ErrorRecordFactory.From(error));
+        SetJobState(JobState.Failed);
     }
 
     public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
@@ -146,6 +175,8 @@ public sealed class BackupPSJob : Job2
     {
         if (status != BlockJobStatus.Concluded && IsFinished)
             return;
+        if (status is BlockJobStatus.Running or BlockJobStatus.Paused)
+            status = job.Status; // a pause and a resume may race: follow where the job is now, not the event's order
         switch (status)
         {
             case BlockJobStatus.Running:
@@ -175,6 +206,8 @@ public sealed class BackupPSJob : Job2
             Volatile.Write(ref _finished, 1); // from here the timer adds nothing: the streams close below
         }
         Output.Add(PSObject.AsPSObject(new BackupResult(job)));
+        foreach (BlockException cleanup in job.CleanupErrors)
+            Error.Add(ErrorRecordFactory.From(cleanup));
         BlockException? error = job.Error;
         if (error is null)
         {

@@ -13,6 +13,7 @@ public sealed class BlockNodeInfo
         Size = node.Size;
         ClusterSize = node.ClusterSize == 0 ? null : node.ClusterSize;
         ReadOnly = node.ReadOnly;
+        Cache = node.Cache;
         BackingFile = node.Image.BackingFile;
         Bitmaps = node.Bitmaps.Select(b => b.Name!).ToArray();
     }
@@ -32,6 +33,9 @@ public sealed class BlockNodeInfo
     public int? ClusterSize { get; }
 
     public bool ReadOnly { get; }
+
+    /// <summary>When the node's writes become durable (WriteBack or WriteThrough).</summary>
+    public CacheMode Cache { get; }
 
     /// <summary>The backing file recorded in the image, or empty.</summary>
     public string? BackingFile { get; }

@@ -16,4 +16,6 @@ public enum BlockErrorCategory
     ReadError,
     WriteError,
     InvalidData,
+    OperationTimeout,
+    LimitsExceeded,
 }

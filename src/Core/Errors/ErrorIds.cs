@@ -58,6 +58,7 @@ public static class ErrorIds
     public const string JobStateInvalid = "JobStateInvalid";
     public const string BackupFailed = "BackupFailed";
     public const string BackupCancelled = "BackupCancelled";
+    public const string JobStopTimedOut = "JobStopTimedOut";
 
     // Transactions
     public const string TransactionConflict = "TransactionConflict";

@@ -96,6 +96,45 @@ internal static partial class LinuxFile
         }
     }
 
+    [LibraryImport("libc", EntryPoint = "fdatasync", SetLastError = true)]
+    private static partial int FDataSync(int fd);
+
+    /// <summary>
+    /// Make the file's data durable (fdatasync: data and the metadata needed to read it, not timestamps), as QEMU's
+    /// flush does. False when unsupported (the caller falls back to a full fsync); an I/O error (EIO, ENOSPC) throws
+    /// <see cref="IOException"/> with the system's message.
+    /// </summary>
+    public static bool TryDataSync(SafeFileHandle handle)
+    {
+        if (!Available)
+            return false;
+        bool added = false;
+        try
+        {
+            handle.DangerousAddRef(ref added);
+            if (FDataSync((int)handle.DangerousGetHandle()) == 0)
+                return true;
+            int errno = Marshal.GetLastPInvokeError();
+            throw new IOException(Marshal.GetPInvokeErrorMessage(errno), errno);
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return false;
+        }
+        finally
+        {
+            if (added)
+                handle.DangerousRelease();
+        }
+    }
+
+    /// <summary>fdatasync where available, else a full flush to disk.</summary>
+    public static void DataSync(SafeFileHandle handle)
+    {
+        if (!TryDataSync(handle))
+            RandomAccess.FlushToDisk(handle);
+    }
+
     /// <summary>Deallocate a range, keeping the file size. Returns false when unsupported.</summary>
     public static bool TryPunchHole(SafeFileHandle handle, long offset, long length)
     {

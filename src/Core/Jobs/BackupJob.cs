@@ -17,6 +17,10 @@ namespace BitmapBackup.Core.Jobs;
  *
  * Threads: Run starts one controller task and Workers copy tasks; every state change happens under _lock
  * and raises StatusChanged outside it.
+ *
+ * Ending: every path reaches Concluded, whatever fails on the way out. The steps of an abort (detach, close and
+ * delete the target, reclaim the bitmap) are each tried whatever failed before; their failures are collected in
+ * CleanupErrors, never thrown where they would keep the job from concluding. The bitmap is cleaned up exactly once.
  */
 
 /// <summary>One backup of one node into one target image.</summary>
@@ -130,12 +134,30 @@ public sealed class BackupJob
     {
         targetOptions ??= BackupTargets.For(request.ClusterSize, request.BackingFile);
         ValidatedBackup spec = ValidatedBackup.Check(request);
+        SyncSource(request.Source);
         BackupRequest r = spec.Request;
         BackupTarget target = r.UseExistingTarget
             ? BackupTarget.OpenExisting(r.Target, r.Source.Size, targetOptions)
             : BackupTarget.CreateNew(r.Target, r.TargetFormat, r.Source.Size, targetOptions);
         long cluster = Math.Max(65536, target.Image.ClusterSize);
         return new BackupJob(spec, target, cluster);
+    }
+
+    /// <summary>
+    /// Write the source's unsynced data and metadata back before the point in time, so that the backup never holds
+    /// data a crash of this process could take from the disk. Best effort: a source that cannot be synced now (its
+    /// filesystem is full) is still backed up; its write-back is retried by its window.
+    /// </summary>
+    private static void SyncSource(BlockNode source)
+    {
+        try
+        {
+            if (!source.ReadOnly && source.HasUnsyncedWrites)
+                source.Flush();
+        }
+        catch (BlockException)
+        {
+        }
     }
 
     /// <summary>
@@ -163,15 +185,33 @@ public sealed class BackupJob
                 toCopy.SetAll();
                 break;
         }
+        long zeroFrom = TargetReadsZerosFrom();
+        if (zeroFrom < source.Size)
+        {
+            foreach (AllocationExtent e in source.GetChainAllocation(zeroFrom).Where(e => e.State != AllocationState.Data))
+                ResetWholeClusters(toCopy, e); // zeros where the target reads zeros already: nothing to copy
+        }
         _spec.Bitmap?.CreateSuccessor(repair: _spec.RepairsBitmap);
         var policy = new CopyPolicy(
             SkipUnallocated: _spec.Sync is BackupSyncMode.Full && _target.Created && _target.Image.BackingFile is null,
             ZeroesAsZeroClusters: _spec.Sync == BackupSyncMode.Bitmap,
-            Compress: _spec.Request.Compress);
+            Compress: _spec.Request.Compress,
+            ZeroFrom: zeroFrom);
         _copier = new BlockCopier(source, _target.Image, ClusterSize, toCopy, policy);
         source.AddWriteInterceptor(_copier);
         PointInTime = DateTimeOffset.Now;
         _frozen = true;
+    }
+
+    /// <summary>
+    /// Where a new target reads zeros wherever nothing is written: past the end of its backing image (everything when
+    /// it has none). An existing target (-UseExistingTarget) may hold anything: never.
+    /// </summary>
+    private long TargetReadsZerosFrom()
+    {
+        if (!_target.Created)
+            return long.MaxValue;
+        return _target.Image is Formats.Qcow2.Qcow2Image { BackingImage: { } backing } ? backing.Size : 0;
     }
 
     private void ResetWholeClusters(HierarchicalBitmap toCopy, AllocationExtent e)
@@ -187,12 +227,14 @@ public sealed class BackupJob
     {
         if (_frozen)
         {
-            using (Source.Quiesce())
-                Source.RemoveWriteInterceptor(_copier!);
-            _copier!.Detach();
-            _spec.Bitmap?.Reclaim();
+            Cleanup(DetachFromSource);
+            Cleanup(() =>
+            {
+                if (Interlocked.Exchange(ref _bitmapCleanedUp, 1) == 0)
+                    _spec.Bitmap?.Reclaim();
+            });
         }
-        _target.Discard();
+        Cleanup(() => _target.Discard());
         Conclude(new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled before it started.", Id));
     }
 
@@ -207,7 +249,7 @@ public sealed class BackupJob
         }
         catch
         {
-            job._target.Discard();
+            job.Cleanup(() => job._target.Discard());
             throw;
         }
         job.Run();
@@ -230,24 +272,31 @@ public sealed class BackupJob
     /// <summary>Pause copying (QEMU's job-pause). Copy-before-write goes on, so the point in time holds.</summary>
     public void Pause()
     {
+        bool changed;
         lock (_lock)
         {
             RequireVerb("pause", BlockJobStatus.Created, BlockJobStatus.Running, BlockJobStatus.Paused);
             _running.Reset();
+            changed = ChangeStatusLocked(BlockJobStatus.Paused);
         }
-        SetStatus(BlockJobStatus.Paused);
+        if (changed)
+            RaiseStatusChanged(BlockJobStatus.Paused);
     }
 
     /// <summary>Resume copying; clusters that failed are retried.</summary>
     public void Resume()
     {
+        bool changed;
         lock (_lock)
         {
             RequireVerb("resume", BlockJobStatus.Created, BlockJobStatus.Running, BlockJobStatus.Paused);
             _pausedByError = false;
+            // Status and the workers' gate change together: a worker that fails again at once pauses after this.
+            changed = ChangeStatusLocked(BlockJobStatus.Running);
+            _running.Set();
         }
-        _running.Set();
-        SetStatus(BlockJobStatus.Running);
+        if (changed)
+            RaiseStatusChanged(BlockJobStatus.Running);
     }
 
     /// <summary>Cancel (QEMU's job-cancel): the job aborts, keeping every dirty bit. A paused job is resumed to end.</summary>
@@ -294,6 +343,20 @@ public sealed class BackupJob
 
     private void Control()
     {
+        try
+        {
+            ControlCore();
+        }
+        catch (Exception e)
+        {
+            // A bug or an unexpected failure on the way to an outcome: the job still concludes, keeping every bit.
+            AbortWith(e as BlockException ?? new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation,
+                $"Backup job '{Id}' failed: {e.Message}", Id, e));
+        }
+    }
+
+    private void ControlCore()
+    {
         BlockException? failure = null;
         try
         {
@@ -321,14 +384,14 @@ public sealed class BackupJob
             failure = _error;
         failure ??= _copier!.CopyBeforeWriteFailure;
         if (failure is null && _cancel.IsCancellationRequested)
-            failure = new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
+            failure = Cancelled();
         if (failure is null && _spec.Sync != BackupSyncMode.None && !_copier!.IsDone)
             failure = new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' ended with data left to copy.", Id);
         if (failure is null && _group is not null)
         {
             SetStatus(BlockJobStatus.Waiting);
             if (!_group.WaitForAll(this, _cancel.Token, out BlockException? why))
-                failure = why ?? new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
+                failure = why ?? Cancelled();
         }
         if (failure is null)
         {
@@ -336,16 +399,16 @@ public sealed class BackupJob
             if (!AutoFinalize && _spec.Sync != BackupSyncMode.None)
                 _finalizeRequested.Task.Wait();
             if (_cancel.IsCancellationRequested)
-                failure = new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
+                failure = Cancelled();
             else
                 failure = _copier!.CopyBeforeWriteFailure ?? FinalizeSuccess();
         }
         if (failure is not null)
-        {
-            _group?.Fail(this);
             AbortWith(failure);
-        }
     }
+
+    private BlockException Cancelled()
+        => new(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled.", Id);
 
     private void Work()
     {
@@ -386,13 +449,16 @@ public sealed class BackupJob
                         _cancel.Cancel();
                         return;
                     case JobErrorAction.Stop:
+                        bool changed;
                         lock (_lock)
                         {
                             _lastTransientError = e.Error;
                             _pausedByError = true;
                             _running.Reset();
+                            changed = ChangeStatusLocked(BlockJobStatus.Paused);
                         }
-                        SetStatus(BlockJobStatus.Paused);
+                        if (changed)
+                            RaiseStatusChanged(BlockJobStatus.Paused);
                         break;
                     default:
                         lock (_lock)
@@ -421,19 +487,47 @@ public sealed class BackupJob
         return null;
     }
 
+    /// <summary>
+    /// End the job with <paramref name="failure"/>: leave the group, stop copy-before-write, drop the target, give
+    /// the bitmap its bits back. Each step runs whatever failed before; none of them can keep the job from concluding.
+    /// </summary>
     private void AbortWith(BlockException failure)
     {
+        if (_completed.Task.IsCompleted)
+            return;
         SetStatus(BlockJobStatus.Aborting);
-        DetachFromSource();
+        Cleanup(() => _group?.Fail(this));
+        Cleanup(DetachFromSource);
         // An "always" bitmap drops what was copied even on failure: keep those clusters, in the partial file.
         bool keep = _spec.BitmapMode == BitmapSyncMode.Always && BytesDone > 0;
-        _target.Discard(keepPartial: keep);
-        CleanUpBitmap(succeeded: false);
+        Cleanup(() => _target.Discard(keepPartial: keep));
+        Cleanup(() => CleanUpBitmap(succeeded: false));
         if (_target.KeptPartial)
             failure = new BlockException(failure.ErrorId, failure.Category,
                 $"{failure.Message} With -BitmapMode Always the clusters copied so far are no longer dirty: they are kept in '{_target.WritePath}'.", failure.Target, failure);
         Conclude(failure);
     }
+
+    /// <summary>Run one step of an abort; its failure is recorded in <see cref="CleanupErrors"/>, not thrown.</summary>
+    private void Cleanup(Action step)
+    {
+        try
+        {
+            step();
+        }
+        catch (Exception e)
+        {
+            BlockException error = e as BlockException ?? new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation,
+                $"Cleaning up backup job '{Id}' failed: {e.Message}", Id, e);
+            lock (_lock)
+                _cleanupErrors.Add(error);
+        }
+    }
+
+    private readonly List<BlockException> _cleanupErrors = new();
+
+    /// <summary>What failed while the job cleaned up after a failure (deleting the partial target, say); the job concluded anyway.</summary>
+    public IReadOnlyList<BlockException> CleanupErrors { get { lock (_lock) return _cleanupErrors.ToArray(); } }
 
     /// <summary>The partial image a failed "always" backup kept, or null.</summary>
     public string? KeptPartialTarget => _target.KeptPartial ? _target.WritePath : null;
@@ -442,19 +536,21 @@ public sealed class BackupJob
 
     private void DetachFromSource()
     {
-        if (_detached)
+        if (_detached || _copier is null)
             return;
         _detached = true;
         using (Source.Quiesce())
-            Source.RemoveWriteInterceptor(_copier!);
-        _copier!.Detach();
+            Source.RemoveWriteInterceptor(_copier);
+        _copier.Detach();
     }
 
-    /// <summary>QEMU's backup_cleanup_sync_bitmap.</summary>
+    private int _bitmapCleanedUp;
+
+    /// <summary>QEMU's backup_cleanup_sync_bitmap; runs once whatever calls it.</summary>
     private void CleanUpBitmap(bool succeeded)
     {
         DirtyBitmap? bitmap = _spec.Bitmap;
-        if (bitmap is null)
+        if (bitmap is null || Interlocked.Exchange(ref _bitmapCleanedUp, 1) != 0)
             return;
         BitmapSyncMode mode = _spec.BitmapMode!.Value;
         bool sync = (succeeded || mode == BitmapSyncMode.Always) && mode != BitmapSyncMode.Never;
@@ -477,23 +573,55 @@ public sealed class BackupJob
         {
             Concluding?.Invoke(this);
         }
-        catch (Exception e) when (e is BlockException or IOException)
+        catch (Exception e)
         {
             // Cleanup of the caller's resources must not keep the job from concluding.
+            lock (_lock)
+                _cleanupErrors.Add(e as BlockException ?? new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation,
+                    $"Cleaning up backup job '{Id}' failed: {e.Message}", Id, e));
         }
-        SetStatus(BlockJobStatus.Concluded);
-        _completed.TrySetResult();
+        try
+        {
+            SetStatus(BlockJobStatus.Concluded);
+        }
+        finally
+        {
+            _completed.TrySetResult();
+        }
     }
 
     private void SetStatus(BlockJobStatus status)
     {
+        bool changed;
         lock (_lock)
+            changed = ChangeStatusLocked(status);
+        if (changed)
+            RaiseStatusChanged(status);
+    }
+
+    /// <summary>Set the status (caller holds _lock); false when unchanged or already concluded.</summary>
+    private bool ChangeStatusLocked(BlockJobStatus status)
+    {
+        if (_status == status || _status == BlockJobStatus.Concluded)
+            return false;
+        _status = status;
+        return true;
+    }
+
+    /// <summary>Tell observers, outside the lock. Events of racing changes may arrive out of order: observers read <see cref="Status"/>.</summary>
+    private void RaiseStatusChanged(BlockJobStatus status)
+    {
+        try
         {
-            if (_status == status || _status == BlockJobStatus.Concluded)
-                return;
-            _status = status;
+            StatusChanged?.Invoke(this, status);
         }
-        StatusChanged?.Invoke(this, status);
+        catch (Exception e)
+        {
+            // An observer's failure is the observer's: the job's own state has changed all the same.
+            lock (_lock)
+                _cleanupErrors.Add(e as BlockException ?? new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation,
+                    $"An observer of backup job '{Id}' failed at status {status}: {e.Message}", Id, e));
+        }
     }
 
     #endregion

@@ -103,57 +103,54 @@ public sealed class BackupTarget : IDisposable
         return new BackupTarget(path, path, image, created: false);
     }
 
-    /// <summary>Flush and close; a new target is then renamed to its final name.</summary>
+    /// <summary>
+    /// Make the backup durable and give it its name: data and metadata synced, the image closed, a new target renamed
+    /// from its partial name, the folder synced. Throws when a step fails; the target is then not finished, and
+    /// <see cref="Discard"/> still removes the partial file.
+    /// </summary>
     public void Commit()
     {
         if (_finished)
             return;
-        _finished = true;
-        try
-        {
-            Image.Flush();
-        }
-        finally
-        {
-            Image.Dispose();
-            s_inUse.TryRemove(Path, out _);
-        }
+        Image.Flush();
+        CloseImage();
         if (Created)
         {
             File.Move(WritePath, Path, overwrite: false);
             IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(Path)!); // the new name survives a power failure
         }
+        _finished = true;
+        s_inUse.TryRemove(Path, out _);
     }
 
     /// <summary>
     /// Close and, for a new target, delete the partial file — or, with <paramref name="keepPartial"/>, flush and
     /// keep it under its ".partial" name (a failed "always" backup: its clusters are no longer in the bitmap).
+    /// Every step is tried whatever failed before it; the first failure is thrown at the end (the target is
+    /// finished all the same: a retry would not do better).
     /// </summary>
     public void Discard(bool keepPartial = false)
     {
         if (_finished)
             return;
         _finished = true;
+        Exception? failure = null;
         try
         {
-            if (keepPartial)
-            {
-                try
-                {
-                    Image.Flush();
-                }
-                finally
-                {
-                    Image.Dispose();
-                }
-                KeptPartial = Created;
-                return;
-            }
-            Image.Dispose();
+            if (keepPartial && !_imageClosed)
+                Image.Flush();
         }
-        finally
+        catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
         {
-            s_inUse.TryRemove(Path, out _);
+            failure = e;
+            keepPartial = false; // not flushed: what it holds is not known, so it must not stay
+        }
+        CloseImage();
+        s_inUse.TryRemove(Path, out _);
+        if (keepPartial)
+        {
+            KeptPartial = Created;
+            return;
         }
         if (Created)
         {
@@ -161,9 +158,30 @@ public sealed class BackupTarget : IDisposable
             {
                 File.Delete(WritePath);
             }
-            catch (IOException)
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
+                failure ??= new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+                    $"The partial backup '{WritePath}' could not be deleted: {e.Message} It is not a valid backup; delete it by hand.", WritePath, e);
             }
+        }
+        if (failure is not null)
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(failure);
+    }
+
+    private bool _imageClosed;
+
+    /// <summary>Close the image once; closing never throws (a driver's write-back at close is best effort).</summary>
+    private void CloseImage()
+    {
+        if (_imageClosed)
+            return;
+        _imageClosed = true;
+        try
+        {
+            Image.Dispose();
+        }
+        catch (Exception e) when (e is BlockException or IOException or ObjectDisposedException)
+        {
         }
     }
 

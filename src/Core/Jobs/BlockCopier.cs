@@ -36,10 +36,16 @@ internal sealed class CopyFailedException(bool sourceSide, BlockException inner)
 }
 
 /// <summary>How the copier writes what it reads.</summary>
+/// <param name="SkipUnallocated">Clusters no image of the source's chain holds are not copied (a new target reads zeros there).</param>
+/// <param name="ZeroesAsZeroClusters">Data that reads as zeros is written as zeros (zero clusters), not as data.</param>
+/// <param name="Compress">Data is written compressed where the target can.</param>
+/// <param name="ZeroFrom">From this offset on the target already reads zeros wherever it is not written (a new target
+/// past the end of its backing image): zeros there are not written at all, so a grown disk costs nothing.</param>
 internal sealed record CopyPolicy(
     bool SkipUnallocated,
     bool ZeroesAsZeroClusters,
-    bool Compress);
+    bool Compress,
+    long ZeroFrom = long.MaxValue);
 
 internal sealed class BlockCopier : IWriteInterceptor
 {
@@ -277,7 +283,8 @@ internal sealed class BlockCopier : IWriteInterceptor
                 {
                     throw new CopyFailedException(sourceSide: true, e);
                 }
-                if (_policy.ZeroesAsZeroClusters && !data.ContainsAnyExcept((byte)0))
+                bool zeros = (_policy.ZeroesAsZeroClusters || offset + done + n > _policy.ZeroFrom) && !data.ContainsAnyExcept((byte)0);
+                if (zeros)
                     WriteZeroes(offset + done, n);
                 else
                     WriteData(offset + done, data);
@@ -308,6 +315,9 @@ internal sealed class BlockCopier : IWriteInterceptor
 
     private void WriteZeroes(long offset, long length)
     {
+        length = Math.Min(length, Math.Max(0, _policy.ZeroFrom - offset)); // the target reads zeros past ZeroFrom already
+        if (length <= 0)
+            return;
         try
         {
             FaultInjection.Check(_target.Path, FaultOperation.Write, offset, length);

@@ -75,7 +75,7 @@ public sealed class BlockEngine
     /// <summary>
     /// Open an image as a node. Without <paramref name="name"/> the node is named after the file (made unique).
     /// </summary>
-    public BlockNode Open(string path, string? name = null, bool readOnly = false)
+    public BlockNode Open(string path, string? name = null, bool readOnly = false, CacheMode cache = CacheMode.WriteBack)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (name is not null)
@@ -89,7 +89,7 @@ public sealed class BlockEngine
                 Throw.Block(ErrorIds.NodeNameInUse, BlockErrorCategory.ResourceExists, $"Node name '{name}' is already in use.", name);
             name ??= UniqueName(DefaultName(fullPath));
             IBlockImage image = OpenImage(fullPath, readOnly);
-            var node = new BlockNode(name, image, StoreFor(image));
+            var node = new BlockNode(name, image, StoreFor(image), cache);
             try
             {
                 node.LoadPersistentBitmaps();

@@ -8,6 +8,17 @@ namespace BitmapBackup.Core.Nodes;
 /// An opened image registered under a node name: checked I/O over a format driver plus the node's dirty
 /// bitmaps. Every write marks each recording bitmap before it returns.
 ///
+/// A write marks its whole range whatever the driver did with it (QEMU's <c>bdrv_co_write_req_finish</c>): a
+/// write that failed or threw part-way may have changed any byte of its range, so the bits are set in a
+/// <c>finally</c> once the driver has been called. A request refused before the driver sees it (node closed or
+/// read-only, range past the end) changed nothing and marks nothing. A resize that grows the node marks the whole
+/// new range, so that a clean bitmap always means "the last backup equals the disk", size included.
+///
+/// Durability (<see cref="CacheMode"/>): in write-back mode (the default) the driver may keep metadata in memory;
+/// a timer writes it back and syncs within <see cref="WriteBackWindow"/> of the first write after the last sync,
+/// so a crash loses at most that window. In write-through mode every write is synced before it returns.
+/// <see cref="Flush"/> syncs now.
+///
 /// Two locks, each with one job:
 /// - the write gate (a reader-writer lock): every write holds it shared from the data write until its bits are
 ///   marked; <see cref="Quiesce"/> holds it exclusively, so a point in time (a backup start, a transaction
@@ -21,13 +32,33 @@ public sealed class BlockNode : IDisposable
     private DirtyBitmap[] _recording = [];
     private IWriteInterceptor[] _interceptors = [];
     private bool _closed;
+    private int _unsynced; // 1 from the first write after a sync until the next sync starts
+    private readonly Timer _writeBack;
+    private BlockException? _lastWriteBackError;
 
-    internal BlockNode(string name, IBlockImage image, IBitmapStore? store = null)
+    /// <summary>How long written data and metadata may stay unsynced in write-back mode (ext4's commit interval).</summary>
+    public static readonly TimeSpan DefaultWriteBackWindow = TimeSpan.FromSeconds(5);
+
+    internal BlockNode(string name, IBlockImage image, IBitmapStore? store = null, CacheMode cache = CacheMode.WriteBack)
     {
         Name = name;
         Image = image;
         Store = store;
+        Cache = cache;
+        _writeBack = new Timer(static state => ((BlockNode)state!).WriteBack(), this, Timeout.Infinite, Timeout.Infinite);
     }
+
+    /// <summary>Write-back (synced within <see cref="WriteBackWindow"/>) or write-through (synced before each write returns).</summary>
+    public CacheMode Cache { get; }
+
+    /// <summary>The write-back window of this node (tests shorten it).</summary>
+    public TimeSpan WriteBackWindow { get; set; } = DefaultWriteBackWindow;
+
+    /// <summary>Whether something was written since the last sync began.</summary>
+    public bool HasUnsyncedWrites => Volatile.Read(ref _unsynced) != 0;
+
+    /// <summary>The error of the last write-back that failed (it is retried every window), or null once one succeeds.</summary>
+    public BlockException? LastWriteBackError => Volatile.Read(ref _lastWriteBackError);
 
     /// <summary>Where the image keeps persistent bitmaps, or null when its format cannot.</summary>
     public IBitmapStore? Store { get; }
@@ -80,9 +111,17 @@ public sealed class BlockNode : IDisposable
         _gate.EnterReadLock();
         try
         {
+            CheckOpen(); // closed while this write waited for the gate
             BeforeWrite(offset, data.Length);
-            Image.Write(offset, data);
-            MarkDirty(offset, data.Length);
+            try
+            {
+                Image.Write(offset, data);
+            }
+            finally
+            {
+                MarkDirty(offset, data.Length); // whatever the driver did: a failed write may have changed the range
+                AfterWrite();
+            }
         }
         finally
         {
@@ -99,13 +138,49 @@ public sealed class BlockNode : IDisposable
         _gate.EnterReadLock();
         try
         {
+            CheckOpen();
             BeforeWrite(offset, length);
-            Image.WriteZeroes(offset, length);
-            MarkDirty(offset, length);
+            try
+            {
+                Image.WriteZeroes(offset, length);
+            }
+            finally
+            {
+                MarkDirty(offset, length);
+                AfterWrite();
+            }
         }
         finally
         {
             _gate.ExitReadLock();
+        }
+    }
+
+    /// <summary>
+    /// After a write reached the driver: write-through syncs now (a failure fails the write); write-back arms the
+    /// timer on the first write after a sync (one volatile read otherwise).
+    /// </summary>
+    private void AfterWrite()
+    {
+        if (Cache == CacheMode.WriteThrough)
+        {
+            Volatile.Write(ref _unsynced, 1);
+            SyncLocked();
+            return;
+        }
+        if (Volatile.Read(ref _unsynced) == 0 && Interlocked.Exchange(ref _unsynced, 1) == 0)
+            ArmWriteBack(WriteBackWindow);
+    }
+
+    private void ArmWriteBack(TimeSpan due)
+    {
+        try
+        {
+            _writeBack.Change(due, Timeout.InfiniteTimeSpan);
+        }
+        catch (ObjectDisposedException)
+        {
+            // closed meanwhile: the close synced
         }
     }
 
@@ -129,11 +204,68 @@ public sealed class BlockNode : IDisposable
             _interceptors = _interceptors.Where(i => i != interceptor).ToArray();
     }
 
+    /// <summary>
+    /// Write back everything the driver holds in memory and sync the image (data, then metadata in crash-safe order,
+    /// then fdatasync): every write that returned before this call is durable when it returns.
+    /// </summary>
     public void Flush()
     {
         CheckOpen();
-        if (!ReadOnly)
+        if (ReadOnly)
+            return;
+        _gate.EnterReadLock(); // writes may go on; a close waits for the sync
+        try
+        {
+            CheckOpen();
+            SyncLocked();
+        }
+        finally
+        {
+            _gate.ExitReadLock();
+        }
+    }
+
+    /// <summary>Sync if anything was written since the last sync began. Caller holds the gate (shared or exclusive).</summary>
+    private void SyncLocked()
+    {
+        if (Interlocked.Exchange(ref _unsynced, 0) == 0)
+            return;
+        try
+        {
             Image.Flush();
+            Volatile.Write(ref _lastWriteBackError, null);
+        }
+        catch
+        {
+            Volatile.Write(ref _unsynced, 1); // still unsynced: the next flush or window tries again
+            if (Cache == CacheMode.WriteBack)
+                ArmWriteBack(WriteBackWindow);
+            throw;
+        }
+    }
+
+    /// <summary>Timer: the write-back window has passed since the first unsynced write.</summary>
+    private void WriteBack()
+    {
+        if (!_gate.TryEnterReadLock(0))
+        {
+            ArmWriteBack(TimeSpan.FromMilliseconds(100)); // quiesced (a close, a backup start): soon again
+            return;
+        }
+        try
+        {
+            if (!IsClosed)
+                SyncLocked();
+        }
+        catch (Exception e) when (e is BlockException or ObjectDisposedException)
+        {
+            if (e is BlockException be)
+                Volatile.Write(ref _lastWriteBackError, be); // retried every window; writes stay marked dirty meanwhile
+        }
+        finally
+        {
+            _gate.ExitReadLock();
+        }
     }
 
     /// <summary>Allocation of [offset, offset+length), or of the whole node when length is omitted.</summary>
@@ -199,12 +331,32 @@ public sealed class BlockNode : IDisposable
             if (newSize < size && FirstNonZeroByte(newSize, size - newSize) is long at)
                 Throw.Block(ErrorIds.ShrinkWouldDiscardData, BlockErrorCategory.InvalidOperation,
                     $"Shrinking node '{Name}' to {newSize} bytes would discard data stored at offset {at}; write zeros there first if it is not needed.", Name);
-            Image.Resize(newSize);
+            try
+            {
+                Image.Resize(newSize);
+            }
+            catch
+            {
+                // A shrink that failed part-way may have dropped clusters past the new end (a backing file can now
+                // show through there): the range keeps its size but not necessarily its contents.
+                if (newSize < size && Size == size)
+                    MarkDirty(newSize, size - newSize);
+                Volatile.Write(ref _unsynced, 1);
+                throw;
+            }
             lock (Sync)
             {
                 foreach (DirtyBitmap b in _bitmaps)
                     b.ResizeLocked(newSize);
+                // Growth marks the new range in every recording bitmap: the last backup does not have it (QEMU marks
+                // nothing here; after a shrink and a grow its incremental would let old backed-up data show through).
+                if (newSize > size)
+                {
+                    foreach (DirtyBitmap b in _recording)
+                        b.MarkLocked(size, newSize - size);
+                }
             }
+            AfterWrite();
         }
     }
 
@@ -448,10 +600,17 @@ public sealed class BlockNode : IDisposable
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
                         $"Node '{Name}' cannot be closed while a backup of it is running; stop the job (Stop-Job) or wait for it.", Name);
             }
-            StorePersistentBitmaps();
+            // Data and metadata durable first, then the bitmaps stored clean: a bitmap never says "clean" about
+            // writes the image may still lose. Either step failing leaves the node open and usable (its persistent
+            // bitmaps still in use on disk, so a crash meanwhile loads them inconsistent): fix the cause and close again.
             if (!ReadOnly)
-                Image.Flush();
+            {
+                Volatile.Write(ref _unsynced, 1);
+                SyncLocked();
+            }
+            StorePersistentBitmaps();
             Volatile.Write(ref _closed, true);
+            _writeBack.Dispose();
             Image.Dispose();
         }
     }

@@ -160,6 +160,13 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
         }
         catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
         {
+            try
+            {
+                File.Delete(temp); // the old sidecar stays as it was: the update did not happen
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+            }
             throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError, $"Cannot write bitmap sidecar '{Path}': {ex.Message}", Path, ex);
         }
     }

@@ -209,6 +209,43 @@ internal sealed class Qcow2Allocator
     }
 
     /// <summary>
+    /// The first cluster of [offset, offset + length) whose refcount does not cover one more queued free (so
+    /// <see cref="QueueFree"/> of the range would call the image corrupt), or null when the whole range can be freed.
+    /// </summary>
+    public long? UnreferencedCluster(long offset, long length)
+    {
+        for (long c = offset >> _clusterBits; c <= (offset + length - 1) >> _clusterBits; c++)
+        {
+            ulong refcount = c < _endCluster ? _refcounts.Get(c) : 0;
+            if (refcount <= _pendingFrees.GetValueOrDefault(c))
+                return c;
+        }
+        return null;
+    }
+
+    /// <summary>
+    /// Give back at once a fresh allocation that nothing references (its data write failed): one reference fewer on
+    /// each cluster of [offset, offset + length). Safe without waiting for a flush, since no table on disk or in
+    /// memory points there; a refcount already written meanwhile is rewritten by the next flush.
+    /// </summary>
+    public void ReleaseUnreferenced(long offset, long length)
+    {
+        for (long c = offset >> _clusterBits; c <= (offset + length - 1) >> _clusterBits; c++)
+        {
+            ulong refcount = _refcounts.Get(c);
+            if (refcount == 0)
+                continue;
+            _refcounts.Set(c, refcount - 1);
+            if (refcount == 1)
+            {
+                _freeHint = Math.Min(_freeHint, c);
+                if (_freeByteOffset != 0 && _freeByteOffset >> _clusterBits == c)
+                    _freeByteOffset = 0;
+            }
+        }
+    }
+
+    /// <summary>
     /// Like <see cref="QueueFree"/> for one cluster, but a cluster whose refcount does not cover the reference (a
     /// damaged image) is left alone and false returned: the caller prefers a leak to a refcount underflow.
     /// </summary>

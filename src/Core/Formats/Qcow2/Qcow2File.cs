@@ -85,13 +85,13 @@ internal sealed class Qcow2File : IDisposable
         Length = length;
     }
 
-    /// <summary>fsync: everything written so far is durable when this returns.</summary>
+    /// <summary>fdatasync: everything written so far is durable when this returns.</summary>
     public void Sync()
     {
         Observer?.Invoke(-1, null);
         Get(() =>
         {
-            RandomAccess.FlushToDisk(_handle);
+            IO.LinuxFile.DataSync(_handle);
             return 0;
         }, "flush");
     }

@@ -449,12 +449,16 @@ public sealed partial class Qcow2Image
                 DirectorySize = (ulong)directorySize,
                 DirectoryOffset = (ulong)directoryOffset,
             };
+            // From the switch on, the image may list bitmaps that are not in use: the next guest write must mark them
+            // in use again first, even if a later step of this store fails.
+            if (entries.Any(e => !e.InUse))
+                _preparedForWrite = false;
             WriteBitmapsRecord(extension);
-            WriteAutoclear((ulong)Qcow2AutoclearFeatures.Bitmaps); // foreign bits were cleared before anything changed
             _bitmaps = entries;
             _bitmapsExtension = extension;
             _extensions.Bitmaps = extension;
             _regions.SetFixed(Qcow2MetadataRegions.BitmapDirectoryName, directoryOffset, directorySize);
+            WriteAutoclear((ulong)Qcow2AutoclearFeatures.Bitmaps); // foreign bits were cleared before anything changed
         }
 
         // The old directory and the tables (with their data) that nothing lists any more. A stale extension (auto-clear

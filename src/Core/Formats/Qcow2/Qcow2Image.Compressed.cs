@@ -101,12 +101,21 @@ public sealed partial class Qcow2Image : ICompressedWriter
         if (_allocator!.EndOffset > limit - (4L * _clusterSize))
             return false;
 
+        Qcow2L2Entry entry = GetEntry(gc);
+        Qcow2ClusterKind kind = Classify(entry, gc);
+        CheckReplaceable(entry, kind, gc); // validate, then mutate (see WriteCluster)
         long l2Offset = EnsureL2(gc >> _l2Bits);
         int l2Index = (int)(gc & (_l2Entries - 1));
-        Qcow2L2Entry entry = GetL2Entry(l2Offset, l2Index);
-        Qcow2ClusterKind kind = Classify(entry, gc);
         long host = _allocator.AllocateBytes(compressed.Length);
-        _file.Write(host, compressed);
+        try
+        {
+            _file.Write(host, compressed);
+        }
+        catch
+        {
+            _allocator.ReleaseUnreferenced(host, compressed.Length);
+            throw;
+        }
         _decompressedEntry = 0; // the new descriptor may equal a cached one whose space was freed and reused
         SetL2Entry(l2Offset, l2Index, Qcow2L2Entry.ForCompressed(host, compressed.Length, _clusterBits));
         FreeEntry(entry, kind);

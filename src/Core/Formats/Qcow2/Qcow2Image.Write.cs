@@ -73,31 +73,38 @@ public sealed partial class Qcow2Image
     /// <summary>
     /// Write <paramref name="data"/> into guest cluster <paramref name="gc"/> at <paramref name="inCluster"/>:
     /// in place when this image owns the cluster alone, else into a new cluster holding the old contents
-    /// (copy-on-write) with the new bytes on top. The new cluster is written before the L2 entry points at it.
+    /// (copy-on-write) with the new bytes on top.
+    ///
+    /// Validate, then mutate: the old entry is checked and the old contents read before anything is allocated, so
+    /// a refusal (ImageCorrupt) changes no byte and no refcount. The new cluster is written before the L2 entry
+    /// points at it; if that write fails the cluster is given back at once (nothing on disk references it), so a
+    /// failed write leaves no leak.
     /// </summary>
     private void WriteCluster(long gc, int inCluster, ReadOnlySpan<byte> data)
     {
-        long l2Offset = EnsureL2(gc >> _l2Bits);
-        int l2Index = (int)(gc & (_l2Entries - 1));
-        Qcow2L2Entry entry = GetL2Entry(l2Offset, l2Index);
+        Qcow2L2Entry entry = GetEntry(gc);
         Qcow2ClusterKind kind = Classify(entry, gc);
-        if (kind == Qcow2ClusterKind.Normal && IsExclusive(entry, l2Offset, l2Index, gc))
+        long l2Offset;
+        int l2Index = (int)(gc & (_l2Entries - 1));
+        if (kind == Qcow2ClusterKind.Normal && IsL2Exclusive(gc >> _l2Bits))
         {
-            _file.Write(entry.HostOffset + inCluster, data);
-            return;
+            l2Offset = _l1.L2Offset(gc >> _l2Bits);
+            if (IsExclusive(entry, l2Offset, l2Index, gc))
+            {
+                _file.Write(entry.HostOffset + inCluster, data);
+                return;
+            }
         }
+        CheckReplaceable(entry, kind, gc);
 
         long clusterStart = gc << _clusterBits;
         int visible = (int)Math.Min(_clusterSize, Size - clusterStart); // bytes of the cluster inside the disk
-        long host = _allocator!.AllocateCluster();
-        if (inCluster == 0 && data.Length == _clusterSize)
+        bool whole = inCluster == 0 && data.Length == _clusterSize;
+        byte[]? buffer = whole ? null : ArrayPool<byte>.Shared.Rent(_clusterSize);
+        try
         {
-            _file.Write(host, data);
-        }
-        else
-        {
-            byte[] buffer = ArrayPool<byte>.Shared.Rent(_clusterSize);
-            try
+            ReadOnlySpan<byte> contents = data;
+            if (buffer is not null)
             {
                 Span<byte> cluster = buffer.AsSpan(0, _clusterSize);
                 if (inCluster == 0 && data.Length >= visible)
@@ -106,15 +113,35 @@ public sealed partial class Qcow2Image
                     ReadClusterContents(gc, entry, kind, cluster, visible);
                 data.CopyTo(cluster[inCluster..]);
                 cluster[Math.Max(visible, inCluster + data.Length)..].Clear(); // past the end of the disk: zeros
-                _file.Write(host, cluster);
+                contents = cluster;
             }
-            finally
+            l2Offset = EnsureL2(gc >> _l2Bits);
+            long host = _allocator!.AllocateCluster();
+            try
             {
-                ArrayPool<byte>.Shared.Return(buffer);
+                _file.Write(host, contents);
             }
+            catch
+            {
+                _allocator.ReleaseUnreferenced(host, _clusterSize);
+                throw;
+            }
+            SetL2Entry(l2Offset, l2Index, Qcow2L2Entry.ForData(host));
+            FreeEntry(entry, kind);
         }
-        SetL2Entry(l2Offset, l2Index, Qcow2L2Entry.ForData(host));
-        FreeEntry(entry, kind);
+        finally
+        {
+            if (buffer is not null)
+                ArrayPool<byte>.Shared.Return(buffer);
+        }
+    }
+
+    /// <summary>Whether the L2 table of L1 entry <paramref name="l1Index"/> may be written in place (it exists and only this image uses it).</summary>
+    private bool IsL2Exclusive(long l1Index)
+    {
+        if (l1Index >= _l1.Count || _l1.L2Offset(l1Index) == 0)
+            return false;
+        return _l1.IsCopied(l1Index) || _refcounts.Get(_l1.L2Offset(l1Index) >> _clusterBits) == 1;
     }
 
     /// <summary>
@@ -145,10 +172,9 @@ public sealed partial class Qcow2Image
             WriteCluster(gc, 0, Zeros().AsSpan(0, (int)Math.Min(_clusterSize, Size - clusterStart)));
             return;
         }
+        CheckReplaceable(entry, kind, gc);
         long l2Offset = EnsureL2(gc >> _l2Bits);
         int l2Index = (int)(gc & (_l2Entries - 1));
-        entry = GetL2Entry(l2Offset, l2Index);
-        kind = Classify(entry, gc);
         SetL2Entry(l2Offset, l2Index, target);
         FreeEntry(entry, kind);
     }
@@ -202,28 +228,52 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>
-    /// Drop this image's reference to the host clusters behind an entry that was just replaced. Data never lives in
-    /// metadata clusters; an entry claiming so is corruption, and its refcounts are left alone.
+    /// Check that the host clusters behind an entry about to be replaced can be released: aligned, inside the file's
+    /// addressable range, not metadata, and counted by their refcounts. Called before anything changes, so that a
+    /// corrupt entry refuses the write without a byte written (QEMU: "validate, then mutate").
     /// </summary>
-    private void FreeEntry(Qcow2L2Entry entry, Qcow2ClusterKind kind)
+    private void CheckReplaceable(Qcow2L2Entry entry, Qcow2ClusterKind kind, long gc)
+    {
+        if (HostRange(entry, kind) is not (long offset, long length))
+            return;
+        for (long c = offset >> _clusterBits; c <= (offset + length - 1) >> _clusterBits; c++)
+        {
+            if (_regions.Describe(c) is { } what)
+                Qcow2Errors.Corrupt(Path, $"guest cluster {gc} keeps data at host offset {offset}, which overlaps {what}");
+        }
+        if (_allocator!.UnreferencedCluster(offset, length) is long bad)
+            Qcow2Errors.Corrupt(Path, $"guest cluster {gc} keeps data in cluster {bad} (offset {bad << _clusterBits}), whose refcount is 0; run 'qemu-img check -r all'");
+    }
+
+    /// <summary>The host bytes an entry holds (normal, preallocated zero or compressed), or null; throws ImageCorrupt for an impossible one.</summary>
+    private (long Offset, long Length)? HostRange(Qcow2L2Entry entry, Qcow2ClusterKind kind)
     {
         switch (kind)
         {
             case Qcow2ClusterKind.Normal:
-                FreeData(entry.HostOffset, _clusterSize);
-                break;
+                return (entry.HostOffset, _clusterSize);
             case Qcow2ClusterKind.Zero when entry.HostOffset != 0:
                 if ((entry.HostOffset & (_clusterSize - 1)) != 0)
                     Qcow2Errors.Corrupt(Path, $"a zero cluster keeps host offset {entry.HostOffset}, which is not cluster aligned");
-                FreeData(entry.HostOffset, _clusterSize);
-                break;
+                return (entry.HostOffset, _clusterSize);
             case Qcow2ClusterKind.Compressed:
                 (long offset, long length) = entry.GetCompressedSectors(_clusterBits);
                 if (offset + length > Qcow2Limits.MaxHostOffset)
                     Qcow2Errors.Corrupt(Path, $"a compressed cluster at offset {offset} is past the largest host offset");
-                FreeData(offset, length);
-                break;
+                return (offset, length);
+            default:
+                return null;
         }
+    }
+
+    /// <summary>
+    /// Drop this image's reference to the host clusters behind an entry that was just replaced (checked beforehand by
+    /// <see cref="CheckReplaceable"/>). Freeing is deferred until the tables that dropped it are on disk.
+    /// </summary>
+    private void FreeEntry(Qcow2L2Entry entry, Qcow2ClusterKind kind)
+    {
+        if (HostRange(entry, kind) is (long offset, long length))
+            FreeData(offset, length);
     }
 
     private void FreeData(long offset, long length)
@@ -347,9 +397,11 @@ public sealed partial class Qcow2Image
                 gc = (l1Index + 1) << _l2Bits;
                 continue;
             }
-            Qcow2ClusterKind kind = Classify(GetEntry(gc), gc);
+            Qcow2L2Entry old = GetEntry(gc);
+            Qcow2ClusterKind kind = Classify(old, gc);
             if (kind != Qcow2ClusterKind.Unallocated)
             {
+                CheckReplaceable(old, kind, gc);
                 long l2Offset = EnsureL2(l1Index);
                 int l2Index = (int)(gc & (_l2Entries - 1));
                 Qcow2L2Entry entry = GetL2Entry(l2Offset, l2Index);

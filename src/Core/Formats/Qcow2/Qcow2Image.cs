@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Nodes;
 
 namespace BitmapBackup.Core.Formats.Qcow2;
@@ -385,6 +386,11 @@ public sealed partial class Qcow2Image : IBlockImage
                     FlushMetadata();
                     _file.Sync();
                 }
+            }
+            catch (BlockException)
+            {
+                // Best effort: whoever needs the image durable calls Flush first and sees its error (a node's close,
+                // a backup's commit). A failed write-back here leaves at worst leaked clusters, never a dangling entry.
             }
             finally
             {

@@ -108,7 +108,7 @@ public sealed class RawImage : IBlockImage
         }
     }
 
-    public void Flush() => ImageFiles.Io(Path, "flush", () => RandomAccess.FlushToDisk(_handle));
+    public void Flush() => ImageFiles.Io(Path, "flush", () => LinuxFile.DataSync(_handle));
 
     public void Resize(long newSize)
     {
