@@ -155,14 +155,38 @@ public sealed class DirtyBitmapTests
     }
 
     [Fact]
-    public void ResizeGrowsBitmapsSoWritesPastTheOldEndAreTracked()
+    public void ResizeGrowsBitmapsAndMarksTheNewRange()
     {
         using var f = new RawNodeFixture(1 << 20);
         DirtyBitmap b = f.Node.AddBitmap("b");
+        DirtyBitmap off = f.Node.AddBitmap("off", disabled: true);
         f.Node.Resize(2 << 20);
-        f.Node.Write((2 << 20) - 1, new byte[1]);
         Assert.Equal(32, b.Length);
-        Assert.Equal([((2L << 20) - 65536, 65536L)], b.GetDirtyRanges());
+        Assert.Equal([(1L << 20, 1L << 20)], b.GetDirtyRanges()); // the last backup has nothing of the new megabyte
+        Assert.Equal(0, off.Count); // a disabled bitmap records nothing, growth included
+        f.Node.Resize(1 << 20);
+        Assert.Equal(0, b.Count); // the bits past the new end are gone with it...
+        f.Node.Resize(3 << 20);
+        Assert.Equal([(1L << 20, 2L << 20)], b.GetDirtyRanges()); // ...and a grow marks again whatever was cut before
+    }
+
+    [Fact]
+    public void FailedWriteIsMarkedDirty()
+    {
+        using var f = new RawNodeFixture(1 << 20);
+        DirtyBitmap b = f.Node.AddBitmap("b");
+        Testing.FaultInjection.Add(f.Node.Path, Testing.FaultOperation.FileWrite, times: -1);
+        try
+        {
+            Assert.Equal(ErrorIds.ImageIOFailed, ErrorId(() => f.Node.Write(200000, new byte[70000])));
+        }
+        finally
+        {
+            Testing.FaultInjection.Clear();
+        }
+        Assert.Equal([(196608L, 131072L)], b.GetDirtyRanges()); // QEMU's rule: the whole range, whatever landed
+        Assert.Equal(ErrorIds.OffsetOutOfRange, ErrorId(() => f.Node.Write(1 << 20, new byte[1])));
+        Assert.Equal([(196608L, 131072L)], b.GetDirtyRanges()); // refused before the driver: nothing marked
     }
 
     [Fact]

@@ -355,10 +355,10 @@ public sealed class Qcow2BitmapStoreTests
         QemuImg.AssertClean(img);
         StoredBitmap b = Assert.Single(Qcow2BitmapNodes.Load(img));
         Assert.Equal(300L * MiB / 512, b.Bits!.Length);
-        Assert.Equal([(0L, 1L), (299L * MiB / 512, 1L)], b.Bits.Runs().ToArray());
+        Assert.Equal([(0L, 1L), (4L * MiB / 512, 296L * MiB / 512)], b.Bits.Runs().ToArray()); // growth marks the new range
         QemuImg.IoOk(img, "write 1M 512");
         QemuImg.AssertClean(img);
-        Assert.Equal([(0L, 1L), (2048L, 1L), (299L * MiB / 512, 1L)], Qcow2BitmapNodes.Runs(img, "b"));
+        Assert.Equal([(0L, 1L), (2048L, 1L), (4L * MiB / 512, 296L * MiB / 512)], Qcow2BitmapNodes.Runs(img, "b"));
     }
 
     #endregion

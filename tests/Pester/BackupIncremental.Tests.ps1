@@ -211,7 +211,7 @@ Describe 'Incremental backup chains (iotest 124)' -Skip:$NoQemuImg {
         $r.BytesTotal | Should -Be 64KB -Because 'the zeros past the end of the backing file are left unallocated, not copied'
         $grown = @(Get-QemuImageMap -Path $r.Target | Where-Object { $_.start -ge 64MB + 64KB })
         $grown | Should -Not -BeNullOrEmpty
-        $grown | ForEach-Object { $_.depth | Should -Be 1 -Because 'nothing is written past the backing file''s end for zeros' }
+        $grown | ForEach-Object { $_.present | Should -BeFalse -Because 'nothing is written past the backing file''s end for zeros (no zero clusters)' }
         (Get-BlockImage -Path $r.Target).Size | Should -Be 65MB
         (Get-BackupChain -Path $r.Target).Size -join ',' | Should -BeExactly ('{0},{1}' -f 64MB, 65MB)
         Write-BlockNode -Node $d.Name -Offset (65MB - 512) -Pattern 0x5b -Length 512 -Confirm:$false

@@ -349,16 +349,19 @@ Describe 'Resize-BlockNode' {
         (Get-BlockNode -Name $n2.Name).Size | Should -Be 4MB
     }
 
-    It 'grows the bitmaps: a write past the old end is tracked' {
+    It 'grows the bitmaps and marks the range the growth added (the last backup does not have it)' {
         $node = New-TestNode -Size 1MB
         $null = New-DirtyBitmap -Node $node.Name -Name b
         $null = New-DirtyBitmap -Node $node.Name -Name fine -Granularity 512
+        $null = New-DirtyBitmap -Node $node.Name -Name off -Disabled
         Write-BlockNode -Node $node.Name -Offset 0 -Pattern 1 -Length 1 -Confirm:$false
         Resize-BlockNode -Node $node.Name -Size 2MB -Confirm:$false
+        (Get-DirtyBitmap -Node $node.Name -Name b).Count | Should -Be (17 * 64KB)
+        Get-RangeText -Node $node.Name -Name b | Should -Be @('0+65536', '1048576+1048576')
+        Get-RangeText -Node $node.Name -Name fine | Should -Be @('0+512', '1048576+1048576')
+        (Get-DirtyBitmap -Node $node.Name -Name off).Count | Should -Be 0 -Because 'a disabled bitmap records nothing'
         Write-BlockNode -Node $node.Name -Offset (1MB + 100) -Pattern 2 -Length 1 -Confirm:$false
-        (Get-DirtyBitmap -Node $node.Name -Name b).Count | Should -Be (2 * 64KB)
-        Get-RangeText -Node $node.Name -Name b | Should -Be @('0+65536', '1048576+65536')
-        Get-RangeText -Node $node.Name -Name fine | Should -Be @('0+512', '1048576+512')
+        Get-RangeText -Node $node.Name -Name b | Should -Be @('0+65536', '1048576+1048576')
         Read-BlockNode -Node $node.Name -Offset (1MB + 100) -Length 1 | Should -Be 2
     }
 
@@ -368,8 +371,8 @@ Describe 'Resize-BlockNode' {
         Write-BlockNode -Node $node.Name -Offset 1023999 -Pattern 1 -Length 1 -Confirm:$false
         Get-RangeText -Node $node.Name -Name b | Should -Be @('983040+40960')
         Resize-BlockNode -Node $node.Name -Size 2MB -Confirm:$false
-        Get-RangeText -Node $node.Name -Name b | Should -Be @('983040+65536')
-        (Get-DirtyBitmap -Node $node.Name -Name b).Count | Should -Be 65536
+        Get-RangeText -Node $node.Name -Name b | Should -Be @('983040+1114112')
+        (Get-DirtyBitmap -Node $node.Name -Name b).Count | Should -Be (17 * 65536)
     }
 
     It 'shrinks a node over a hole, and its bitmaps with it' {
@@ -383,9 +386,9 @@ Describe 'Resize-BlockNode' {
         (Get-Item $node.Path).Length | Should -Be 1MB
         Get-RangeText -Node $node.Name -Name b | Should -Be @('0+65536')
         Find-ByteMismatch -Bytes (Read-BlockNode -Node $node.Name -Offset 0 -Length 100) -Value 0x33 | Should -Be -1
-        # growing again brings back clean bits and zeros, not the old ones
+        # growing again brings back zeros, not the old bytes, and marks them: a backup may hold the old ones
         Resize-BlockNode -Node $node.Name -Size 2MB -Confirm:$false
-        Get-RangeText -Node $node.Name -Name b | Should -Be @('0+65536')
+        Get-RangeText -Node $node.Name -Name b | Should -Be @('0+65536', '1048576+1048576')
         Find-ByteMismatch -Bytes (Read-BlockNode -Node $node.Name -Offset 1536KB -Length 100) -Value 0 | Should -Be -1
     }
 

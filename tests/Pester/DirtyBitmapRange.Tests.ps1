@@ -62,8 +62,9 @@ Describe 'Get-DirtyBitmapRange' {
     It 'ranges follow a grown node' {
         Write-BlockNode -Node $node.Name -Offset 1023999 -Pattern 1 -Length 1 -Confirm:$false
         Resize-BlockNode -Node $node.Name -Size 64MB -Confirm:$false
+        Get-RangeText -Node $node.Name -Name b | Should -Be @('983040+66125824') -Because 'growth marks the range it added'
         Write-BlockNode -Node $node.Name -Offset (64MB - 1) -Pattern 1 -Length 1 -Confirm:$false
-        Get-RangeText -Node $node.Name -Name b | Should -Be @('983040+65536', '67043328+65536')
+        Get-RangeText -Node $node.Name -Name b | Should -Be @('983040+66125824')
     }
 
     It 'takes node and name by position, and the node as an object' {

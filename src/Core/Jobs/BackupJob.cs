@@ -204,15 +204,12 @@ public sealed class BackupJob
     }
 
     /// <summary>
-    /// Where a new target reads zeros wherever nothing is written: past the end of its backing image (everything when
-    /// it has none). An existing target (-UseExistingTarget) may hold anything: never.
+    /// Where a new target on a backing image reads zeros wherever nothing is written: past the end of that image (so
+    /// the range a grown disk added costs nothing when it reads as zeros). Elsewhere zeros are written as they are: a
+    /// target without a backing file may be put on one later (-Sync Top), and an existing target may hold anything.
     /// </summary>
     private long TargetReadsZerosFrom()
-    {
-        if (!_target.Created)
-            return long.MaxValue;
-        return _target.Image is Formats.Qcow2.Qcow2Image { BackingImage: { } backing } ? backing.Size : 0;
-    }
+        => _target.Created && _target.Image is Formats.Qcow2.Qcow2Image { BackingImage: { } backing } ? backing.Size : long.MaxValue;
 
     private void ResetWholeClusters(HierarchicalBitmap toCopy, AllocationExtent e)
     {

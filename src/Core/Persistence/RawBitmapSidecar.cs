@@ -152,13 +152,14 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
         {
             using (var fs = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None))
             {
+                Testing.FaultInjection.Check(temp, Testing.FaultOperation.FileWrite, 0, file.Length);
                 fs.Write(file);
                 fs.Flush(flushToDisk: true);
             }
             File.Move(temp, Path, overwrite: true);
             IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(Path))!);
         }
-        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException or BlockException)
         {
             try
             {
@@ -167,6 +168,8 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
             }
+            if (ex is BlockException)
+                throw;
             throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError, $"Cannot write bitmap sidecar '{Path}': {ex.Message}", Path, ex);
         }
     }

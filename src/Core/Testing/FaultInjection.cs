@@ -5,14 +5,27 @@ namespace BitmapBackup.Core.Testing;
 /// <summary>Which I/O a fault rule fails.</summary>
 public enum FaultOperation
 {
+    /// <summary>A read of a node (guest offsets), as the backup's source side sees it.</summary>
     Read,
+
+    /// <summary>A write of a backup target (guest offsets).</summary>
     Write,
+
+    /// <summary>A write system call on an image file (file offsets): what a full or failing disk refuses.</summary>
+    FileWrite,
+
+    /// <summary>A read system call on an image file (file offsets).</summary>
+    FileRead,
+
+    /// <summary>An fsync/fdatasync of an image file.</summary>
+    FileSync,
 }
 
 /// <summary>
 /// A test-only hook: rules that make engine reads or writes of an image fail with an I/O error, as QEMU's
 /// blkdebug does in iotests 124 and 257. Source reads (<see cref="Nodes.BlockNode.Read"/>) and backup target
-/// writes consult it. With no rule the check is one volatile read. Tests (xunit, or Pester through
+/// writes consult it at guest offsets; the file drivers consult it at every read, write and sync of an image file
+/// (<see cref="FaultOperation.FileWrite"/> and friends, file offsets), where a real disk fails. With no rule the check is one volatile read. Tests (xunit, or Pester through
 /// <c>[BitmapBackup.Core.Testing.FaultInjection]::Add(...)</c>) must <see cref="Clear"/> what they add.
 /// </summary>
 public static class FaultInjection
@@ -32,6 +45,13 @@ public static class FaultInjection
         return rule;
     }
 
+    /// <summary>Drop one rule (tests running in parallel keep theirs).</summary>
+    public static void Remove(FaultRule rule)
+    {
+        lock (s_lock)
+            s_rules = s_rules.Where(r => r != rule).ToArray();
+    }
+
     public static void Clear()
     {
         lock (s_lock)
@@ -39,6 +59,13 @@ public static class FaultInjection
     }
 
     /// <summary>Throws the injected error if a rule matches.</summary>
+    private static string Describe(FaultOperation operation) => operation switch
+    {
+        FaultOperation.Read or FaultOperation.FileRead => "read",
+        FaultOperation.FileSync => "flush",
+        _ => "write",
+    };
+
     public static void Check(string path, FaultOperation operation, long offset, long length)
     {
         FaultRule[] rules = Volatile.Read(ref s_rules);
@@ -47,8 +74,8 @@ public static class FaultInjection
         foreach (FaultRule rule in rules)
         {
             if (rule.Matches(path, operation, offset, length) && rule.TryConsume())
-                throw new BlockException(ErrorIds.ImageIOFailed, operation == FaultOperation.Read ? BlockErrorCategory.ReadError : BlockErrorCategory.WriteError,
-                    $"I/O error on image '{path}' during {operation.ToString().ToLowerInvariant()} at offset {offset}: {rule.Message}", path);
+                throw new BlockException(ErrorIds.ImageIOFailed, operation is FaultOperation.Read or FaultOperation.FileRead ? BlockErrorCategory.ReadError : BlockErrorCategory.WriteError,
+                    $"I/O error on image '{path}' during {Describe(operation)} at offset {offset}: {rule.Message}", path);
         }
     }
 }

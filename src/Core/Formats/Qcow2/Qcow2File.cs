@@ -39,6 +39,7 @@ internal sealed class Qcow2File : IDisposable
             int n;
             try
             {
+                Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileRead, offset + done, buffer.Length - done);
                 n = RandomAccess.Read(_handle, buffer[done..], offset + done);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -60,6 +61,7 @@ internal sealed class Qcow2File : IDisposable
         if (data.IsEmpty)
             return;
         Observer?.Invoke(offset, data.ToArray());
+        Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileWrite, offset, data.Length);
         try
         {
             RandomAccess.Write(_handle, data, offset);
@@ -89,6 +91,7 @@ internal sealed class Qcow2File : IDisposable
     public void Sync()
     {
         Observer?.Invoke(-1, null);
+        Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileSync, 0, 1);
         Get(() =>
         {
             IO.LinuxFile.DataSync(_handle);

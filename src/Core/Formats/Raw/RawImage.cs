@@ -49,6 +49,7 @@ public sealed class RawImage : IBlockImage
             Span<byte> rest = buffer[start..];
             try
             {
+                Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileRead, offset + start, rest.Length);
                 n = RandomAccess.Read(_handle, rest, offset + start);
             }
             catch (IOException e)
@@ -67,6 +68,7 @@ public sealed class RawImage : IBlockImage
 
     public void Write(long offset, ReadOnlySpan<byte> data)
     {
+        Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileWrite, offset, data.Length);
         try
         {
             RandomAccess.Write(_handle, data, offset);
@@ -108,7 +110,11 @@ public sealed class RawImage : IBlockImage
         }
     }
 
-    public void Flush() => ImageFiles.Io(Path, "flush", () => LinuxFile.DataSync(_handle));
+    public void Flush()
+    {
+        Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileSync, 0, 1);
+        ImageFiles.Io(Path, "flush", () => LinuxFile.DataSync(_handle));
+    }
 
     public void Resize(long newSize)
     {
