@@ -182,6 +182,90 @@ Describe 'Tab completion' {
     }
 }
 
+Describe 'Tab completion of names that are not bare words' {
+    # Each accepted completion is run: it must act on exactly the bitmap it shows. Next to the special names the
+    # node has the bitmaps that a wrongly quoted completion would hit instead ('daily' for 'daily$old', 'a' for
+    # 'a;b', '16' for '0x10', 'True' for '$true', ...).
+    BeforeAll {
+        $Special = @('daily$old', 'a;b', 'x,y', '(p)', '{q}', '@s', '#h', 'b`t', "it's", 'say"hi"', "sm$([char]0x2019)s", '-dash', 'a&b',
+            'a|b', '<lt', '>gt', '0x10', '1kb', '$true', 'sp ace', 'a$(b)', '--%', "it''s")
+        $Decoys = @('daily', 'old', 'a', 'b', 'x', 'y', 'p', 'q', 's', 'h', 'bt', 'it', 'say', 'sm', 'dash', 'lt', 'gt', '16', '1024', 'True', 'sp', 'ace')
+
+        function New-CompletionNode {
+            <# A node with every special name and every decoy as bitmaps, each with 64 KiB dirty. #>
+            $node = New-TestNode
+            foreach ($name in $Special + $Decoys) { $null = New-DirtyBitmap -Node $node.Name -Name $name -ErrorAction Stop }
+            Write-BlockNode -Node $node.Name -Offset 0 -Pattern 1 -Length 1 -Confirm:$false
+            return $node.Name
+        }
+
+        function Get-AcceptedLine {
+            <# The command line after accepting the completion shown as -Name (TabExpansion2's replacement applied). #>
+            param([string] $Line, [string] $Name)
+            $result = TabExpansion2 -inputScript $Line -cursorColumn $Line.Length
+            $match = @($result.CompletionMatches | Where-Object { $_.ListItemText -ceq $Name })
+            $match.Count | Should -Be 1 -Because "'$Name' is offered once for: $Line"
+            return $Line.Substring(0, $result.ReplacementIndex) + $match[0].CompletionText + $Line.Substring($result.ReplacementIndex + $result.ReplacementLength)
+        }
+
+        function Get-Completion([string] $InputScript) {
+            $result = TabExpansion2 -inputScript $InputScript -cursorColumn $InputScript.Length
+            return [string[]]@($result.CompletionMatches | ForEach-Object CompletionText)
+        }
+
+        function Get-DirtyCount([string] $Node) {
+            $counts = @{}
+            Get-DirtyBitmap -Node $Node -ErrorAction Stop | ForEach-Object { $counts[$_.Name] = $_.Count }
+            return $counts
+        }
+    }
+    AfterEach { Close-TestNode }
+
+    It 'the completion of <Name> clears exactly that bitmap' -ForEach @(
+        'daily$old', 'a;b', 'x,y', '(p)', '{q}', '@s', '#h', 'b`t', "it's", 'say"hi"', "sm$([char]0x2019)s", '-dash', 'a&b', 'a|b',
+        '<lt', '>gt', '0x10', '1kb', '$true', 'sp ace', 'a$(b)', '--%', "it''s" | ForEach-Object { @{ Name = $_ } }
+    ) {
+        $node = New-CompletionNode
+        $start = "Clear-DirtyBitmap -ErrorAction Stop -Confirm:`$false -Node $node -Name "
+        $line = Get-AcceptedLine -Line $start -Name $Name
+        $line | Should -Not -BeExactly ($start + $Name) -Because 'the name is not a bare word'
+        Invoke-Expression $line
+        $counts = Get-DirtyCount $node
+        $counts[$Name] | Should -Be 0 -Because "'$Name' was cleared by: $line"
+        @($counts.Keys | Where-Object { $_ -cne $Name -and $counts[$_] -ne 64KB }) | Should -BeNullOrEmpty -Because "only '$Name' may be cleared by: $line"
+    }
+
+    It "offers daily`$old quoted after 'dai' (the issue's case), and a word begun with a quote keeps it" {
+        $node = New-CompletionNode
+        Get-Completion "Clear-DirtyBitmap -Node $node -Name dai" | Should -Be @("'daily`$old'", 'daily')
+        Get-Completion "Clear-DirtyBitmap -Node $node -Name `"dai" | Should -Be @('"daily`$old"', '"daily"')
+        Get-Completion "Clear-DirtyBitmap -Node $node -Name 'it''" | Should -Be @("'it''s'", "'it''''s'")
+        $line = Get-AcceptedLine -Line "Clear-DirtyBitmap -ErrorAction Stop -Confirm:`$false -Node $node -Name `"dai" -Name 'daily$old'
+        Invoke-Expression $line
+        (Get-DirtyCount $node)['daily$old'] | Should -Be 0
+        (Get-DirtyCount $node)['daily'] | Should -Be 64KB
+    }
+
+    It 'escapes wildcard characters for a parameter that takes wildcards, and only there' {
+        $node = New-TestNode
+        foreach ($name in 'a*', 'ab', 'w[1]', 'w1') { $null = New-DirtyBitmap -Node $node.Name -Name $name }
+        Get-Completion "Get-DirtyBitmap -Node $($node.Name) -Name a" | Should -Be @("'a``*'", 'ab')
+        Get-Completion "Clear-DirtyBitmap -Node $($node.Name) -Name a" | Should -Be @('a*', 'ab')
+        foreach ($name in 'a*', 'w[1]') {
+            $line = Get-AcceptedLine -Line "Get-DirtyBitmap -Node $($node.Name) -Name " -Name $name
+            @(Invoke-Expression $line | ForEach-Object Name) | Should -Be @($name) -Because "the completion of '$name' gets only it: $line"
+        }
+    }
+
+    It 'keeps node names and bitmap names that are bare words bare' {
+        $node = New-TestNode -Name (New-TestName 'x-y.z_')
+        Get-Completion "Get-BlockNode -Name $($node.Name.Substring(0, 6))" | Should -Be @($node.Name)
+        $bare = @('daily', 'a#b', 'a=b', 'ab.c-d', 'x:y', 'w1+2', 'ü-ß')
+        foreach ($name in $bare) { $null = New-DirtyBitmap -Node $node.Name -Name $name }
+        Get-Completion "Clear-DirtyBitmap -Node $($node.Name) -Name " | Should -Be $bare
+    }
+}
+
 Describe '-WhatIf changes nothing' {
     AfterEach { Close-TestNode }
 

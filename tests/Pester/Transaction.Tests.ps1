@@ -686,11 +686,11 @@ Describe 'Invoke-BitmapTransaction queue-time checks' {
     }
 
     It 'a queued cmdlet run on another thread of the block (ForEach-Object -Parallel) does not act at once' {
+        # It cannot join the transaction of another runspace (see the Describe on threads below): the transaction fails.
         $module = Get-BitmapBackupModulePath
-        $null = Assert-BlockError -ErrorId "abort,$Cmd" -ScriptBlock {
+        $null = Assert-BlockError -ErrorId "TransactionInOtherRunspace,$Cmd" -ScriptBlock {
             Invoke-BitmapTransaction {
                 'a' | ForEach-Object -Parallel { Import-Module $using:module; Clear-DirtyBitmap -Node $using:n -Name $_ -ErrorAction Stop }
-                throw 'abort'
             }
         }
         Get-BitmapState $n | Should -Be $before -Because 'the transaction failed, so the Clear-DirtyBitmap inside its block must not have been applied'
@@ -737,6 +737,130 @@ Describe 'Invoke-BitmapTransaction queue-time checks' {
             Invoke-BitmapTransaction { New-DirtyBitmap -Node $n -Name fresh; Start-IncrementalBackup -Node nosuchnode -Target (Join-Path $dir 'x.img') -Sync Full }
         }
         Get-BitmapState $n | Should -Be $before
+    }
+}
+
+Describe 'Invoke-BitmapTransaction and the threads its block starts (Start-ThreadJob, ForEach-Object -Parallel)' {
+    # The transaction flows into every thread the block starts, but only the block's own runspace joins it: a
+    # transactional cmdlet of another runspace fails with TransactionInOtherRunspace while the block runs (and the
+    # transaction with it: nothing is applied), and acts at once once the transaction is over.
+    BeforeEach {
+        $dir = New-TestDirectory
+        $n = (New-RawNode -Directory $dir -Size 1MB).Name
+        $null = New-DirtyBitmap -Node $n -Name a
+        Write-BlockNode -Node $n -Offset 0 -Pattern 1 -Length 4KB -Confirm:$false
+        $before = Get-BitmapState $n
+        $module = Get-BitmapBackupModulePath
+        $script:reached = $false
+        # Released once Invoke-BitmapTransaction has returned: the thread then acts after the transaction, every time.
+        $gate = [System.Threading.ManualResetEventSlim]::new($false)
+    }
+    AfterEach {
+        $gate.Set()
+        Reset-TestState
+        $gate.Dispose()
+    }
+
+    It 'a thread job started in the block that acts after it: its cmdlets act at once, its backup starts (the issue''s late backup)' {
+        $late = Join-Path $dir 'late.img'
+        $out = @(Invoke-BitmapTransaction {
+                New-DirtyBitmap -Node $n -Name t
+                $script:tj = Start-ThreadJob {
+                    Import-Module $using:module
+                    $g = $using:gate
+                    if (-not $g.Wait(60000)) { throw 'the test never released the thread' }
+                    Clear-DirtyBitmap -Node $using:n -Name a -Confirm:$false -Verbose 4>&1 | ForEach-Object { "verbose: $_" }
+                    (Start-IncrementalBackup -Node $using:n -Target $using:late -Sync Full -TargetFormat Raw -Wait -ErrorAction Stop).Succeeded
+                    Invoke-BitmapTransaction { New-DirtyBitmap -Node $using:n -Name fromthread } | ForEach-Object { "own transaction: $_" }
+                }
+            })
+        "$($out[0])" | Should -Be "$n/t"
+        $gate.Set()
+        $null = $tj | Wait-Job -Timeout 60
+        $jobErrors = $null
+        $result = @($tj | Receive-Job -ErrorVariable jobErrors -ErrorAction SilentlyContinue)
+        $jobErrors | Should -BeNullOrEmpty
+        $tj.State | Should -Be 'Completed'
+        $result -like '*Queued in the transaction*' | Should -BeNullOrEmpty -Because 'the transaction is over: nothing is queued in it'
+        $result | Should -Contain $true -Because 'the backup started and succeeded'
+        $result | Should -Contain "own transaction: $n/fromthread" -Because 'a transaction of the thread''s own is no nested one'
+        Test-Path $late | Should -BeTrue
+        (Get-DirtyBitmap -Node $n -Name a).Count | Should -Be 0
+        @(Get-DirtyBitmap -Node $n).Name | Should -Be @('a', 't', 'fromthread')
+    }
+
+    It 'a thread job that acts while the block runs fails with TransactionInOtherRunspace, and so does the transaction: nothing applied' {
+        $record = Assert-BlockError -ErrorId "TransactionInOtherRunspace,$Cmd" -Category InvalidOperation -MessageContains 'Clear-DirtyBitmap' -ScriptBlock {
+            Invoke-BitmapTransaction {
+                $ErrorActionPreference = 'Continue' # whatever the caller's: the refusal is another runspace's error
+                New-DirtyBitmap -Node $n -Name t
+                $script:tj = Start-ThreadJob { Import-Module $using:module; Clear-DirtyBitmap -Node $using:n -Name a -Confirm:$false }
+                $null = $script:tj | Wait-Job -Timeout 60
+                $script:reached = $true
+            }
+        }
+        $script:reached | Should -BeTrue -Because 'an error in another runspace does not stop the block: the transaction fails at its end'
+        $jobErrors = $null
+        $null = $tj | Receive-Job -ErrorVariable jobErrors -ErrorAction SilentlyContinue
+        @($jobErrors | ForEach-Object FullyQualifiedErrorId) | Should -Contain 'TransactionInOtherRunspace,BitmapBackup.ClearDirtyBitmapCommand'
+        Get-BitmapState $n | Should -Be $before
+        $record.Exception.Message | Should -BeLike '*nothing of the transaction is applied*'
+    }
+
+    It 'ForEach-Object -Parallel in the block: each cmdlet fails with TransactionInOtherRunspace, the transaction fails, nothing applied' {
+        $null = Assert-BlockError -ErrorId "TransactionInOtherRunspace,$Cmd" -Category InvalidOperation -ScriptBlock {
+            Invoke-BitmapTransaction {
+                $ErrorActionPreference = 'Continue' # with Stop, the first error of -Parallel would end the block at once
+                New-DirtyBitmap -Node $n -Name t
+                $script:parallelErrors = @('a', 'a' | ForEach-Object -Parallel {
+                        Import-Module $using:module
+                        Clear-DirtyBitmap -Node $using:n -Name $_ -Confirm:$false
+                    } 2>&1)
+                $script:reached = $true
+            }
+        }
+        $script:reached | Should -BeTrue
+        @($parallelErrors | ForEach-Object FullyQualifiedErrorId | Select-Object -Unique) | Should -Be @('TransactionInOtherRunspace,BitmapBackup.ClearDirtyBitmapCommand')
+        Get-BitmapState $n | Should -Be $before
+    }
+
+    It 'Invoke-BitmapTransaction in a -Parallel runspace of an open transaction is refused the same way' {
+        $null = Assert-BlockError -ErrorId "TransactionInOtherRunspace,$Cmd" -ScriptBlock {
+            Invoke-BitmapTransaction {
+                $ErrorActionPreference = 'Continue'
+                Clear-DirtyBitmap -Node $n -Name a
+                $script:parallelErrors = @(1 | ForEach-Object -Parallel {
+                        Import-Module $using:module
+                        Invoke-BitmapTransaction { New-DirtyBitmap -Node $using:n -Name inner }
+                    } 2>&1)
+            }
+        }
+        @($parallelErrors | ForEach-Object FullyQualifiedErrorId) | Should -Be @("TransactionInOtherRunspace,$Cmd")
+        Get-BitmapState $n | Should -Be $before
+    }
+
+    It 'ForEach-Object -Parallel -AsJob started in the block that acts after it: its cmdlets act at once' {
+        $out = @(Invoke-BitmapTransaction {
+                New-DirtyBitmap -Node $n -Name t
+                $script:pj = 'a' | ForEach-Object -AsJob -Parallel {
+                    Import-Module $using:module
+                    $g = $using:gate
+                    if (-not $g.Wait(60000)) { throw 'the test never released the thread' }
+                    Clear-DirtyBitmap -Node $using:n -Name $_ -Confirm:$false -Verbose 4>&1 | ForEach-Object { "verbose: $_" }
+                    'done'
+                }
+            })
+        "$($out[0])" | Should -Be "$n/t"
+        (Get-DirtyBitmap -Node $n -Name a).Count | Should -Be 64KB -Because 'the thread has not acted yet'
+        $gate.Set()
+        $null = $pj | Wait-Job -Timeout 60
+        $jobErrors = $null
+        $result = @($pj | Receive-Job -ErrorVariable jobErrors -ErrorAction SilentlyContinue)
+        $jobErrors | Should -BeNullOrEmpty
+        $pj.State | Should -Be 'Completed'
+        $result | Should -Contain 'done'
+        $result -like '*Queued in the transaction*' | Should -BeNullOrEmpty
+        (Get-DirtyBitmap -Node $n -Name a).Count | Should -Be 0
     }
 }
 

@@ -31,8 +31,4 @@ internal sealed class NameMatcher
     public bool IsPattern { get; }
 
     public bool IsMatch(string name) => string.Equals(name, _text, StringComparison.Ordinal) || (_pattern?.IsMatch(name) ?? false);
-
-    /// <summary>A pattern for completing what was typed so far, taken literally.</summary>
-    public static WildcardPattern Completion(string wordToComplete)
-        => WildcardPattern.Get(WildcardPattern.Escape(wordToComplete.Trim('\'', '"')) + "*", WildcardOptions.IgnoreCase);
 }

@@ -10,12 +10,5 @@ internal sealed class NodeNameCompleter : IArgumentCompleter
 {
     public IEnumerable<CompletionResult> CompleteArgument(string commandName, string parameterName, string wordToComplete,
         CommandAst commandAst, IDictionary fakeBoundParameters)
-    {
-        WildcardPattern pattern = NameMatcher.Completion(wordToComplete);
-        foreach (BlockNode node in BlockEngine.Default.Nodes)
-        {
-            if (pattern.IsMatch(node.Name))
-                yield return new CompletionResult(node.Name, node.Name, CompletionResultType.ParameterValue, $"{node.Name}: {node.Path}");
-        }
-    }
+        => CompletionText.Results(BlockEngine.Default.Nodes.Select(n => (n.Name, $"{n.Name}: {n.Path}")), commandName, parameterName, wordToComplete);
 }

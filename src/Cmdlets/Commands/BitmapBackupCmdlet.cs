@@ -30,6 +30,13 @@ public abstract class BitmapBackupCmdlet : PSCmdlet
     /// </summary>
     internal virtual bool IsTransactional => false;
 
+    /// <summary>A transactional cmdlet in a thread started inside another runspace's open transaction fails (TransactionScope).</summary>
+    protected override void BeginProcessing()
+    {
+        if (IsTransactional)
+            TransactionScope.CheckRunspace(this);
+    }
+
     /// <summary>A non-terminating error, or a terminating one for a transactional cmdlet inside a transaction.</summary>
     protected void ReportError(ErrorRecord record)
     {

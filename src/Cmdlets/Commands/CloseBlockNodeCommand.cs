@@ -27,9 +27,9 @@ public sealed class CloseBlockNodeCommand : BitmapBackupCmdlet
         {
             if (ResolveNode(name) is not BlockNode node || !ShouldProcess(node.Name, "Close block node"))
                 continue;
-            var dropped = node.Bitmaps.Where(b => !b.Persistent).Select(b => $"'{b.Name}' ({b.Count} dirty bytes)").ToArray();
-            if (TryRun(() => Engine.Close(node)) && dropped.Length > 0)
-                WriteWarning($"Node '{node.Name}' closed; its bitmaps {string.Join(", ", dropped)} were not persistent and are gone.");
+            string? warning = null;
+            if (TryRun(() => warning = NodeClosing.Close(Engine, node)) && warning is not null)
+                WriteWarning(warning);
         }
     }
 

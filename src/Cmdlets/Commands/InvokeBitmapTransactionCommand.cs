@@ -81,6 +81,8 @@ public sealed class InvokeBitmapTransactionCommand : BitmapBackupCmdlet
         {
             scope.Close();
         }
+        if (scope.Refused is { } refused) // a cmdlet of a thread the block started was refused: nothing is applied
+            ThrowTerminatingError(new ErrorRecord(refused.Exception, TransactionScope.InOtherRunspaceErrorId, refused.CategoryInfo.Category, refused.TargetObject));
 
         var queued = scope.Transaction.Actions;
         if (CompletionMode == TransactionCompletionMode.Grouped)
@@ -118,7 +120,7 @@ public sealed class InvokeBitmapTransactionCommand : BitmapBackupCmdlet
     {
         try
         {
-            return TransactionScope.Open();
+            return TransactionScope.Open(this);
         }
         catch (BlockException e)
         {

@@ -163,6 +163,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
         var parameters = new Dictionary<string, object> { [BackupPSJob.ParameterName] = psJob };
         Job2 registered = cmdlet.JobManager.NewJob(new JobInvocationInfo(definition, parameters));
         System.Diagnostics.Debug.Assert(registered == psJob, "The adapter must return the job it was given.");
+        RunningBackups.Track(job, psJob.Name);
         psJob.StartJob();
         return psJob;
     }
@@ -177,6 +178,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
     /// <summary>Run a frozen job on this pipeline with a progress bar; write its result or its error as a terminating error.</summary>
     internal static void RunInForeground(PSCmdlet cmdlet, BackupJob job)
     {
+        RunningBackups.Track(job, job.Id);
         job.Run();
         var progress = new ProgressRecord(1, $"Backup of node '{job.Source.Name}'", "Starting");
         while (!job.Completion.Wait(TimeSpan.FromMilliseconds(200)))
