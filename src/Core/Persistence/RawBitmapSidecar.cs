@@ -35,7 +35,7 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
         byte[] file;
         try
         {
-            file = File.ReadAllBytes(Path);
+            file = ReadWhole(Path);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -150,7 +150,7 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
         string temp = Path + ".tmp";
         try
         {
-            using (var fs = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None))
+            using (var fs = new FileStream(IO.ImageFiles.OpenToRewrite(temp), FileAccess.Write)) // locked as a writer, then emptied
             {
                 fs.Write(file);
                 fs.Flush(flushToDisk: true);
@@ -162,6 +162,28 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
         {
             throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError, $"Cannot write bitmap sidecar '{Path}': {ex.Message}", Path, ex);
         }
+    }
+
+    /// <summary>
+    /// The whole sidecar, read without a lock: writers never change it in place (they rename a new file over it),
+    /// and the open refuses a FIFO or a device put in its place instead of blocking on it.
+    /// </summary>
+    private static byte[] ReadWhole(string path)
+    {
+        using Microsoft.Win32.SafeHandles.SafeFileHandle handle = IO.ImageFiles.OpenUnlocked(path);
+        long length = RandomAccess.GetLength(handle);
+        if (length > Array.MaxLength)
+            throw new IOException($"the file is {length} bytes long");
+        byte[] bytes = new byte[length];
+        int done = 0;
+        while (done < bytes.Length)
+        {
+            int n = RandomAccess.Read(handle, bytes.AsSpan(done), done);
+            if (n == 0)
+                throw new IOException($"the file ended at {done} of {length} bytes");
+            done += n;
+        }
+        return bytes;
     }
 
     private static long Align8(long n) => (n + 7) & ~7L;
