@@ -31,8 +31,17 @@ internal static class ImageLocks
     private static readonly ImagePermissions[] s_permissions =
         [ImagePermissions.ConsistentRead, ImagePermissions.Write, ImagePermissions.WriteUnchanged, ImagePermissions.Resize];
 
-    /// <summary>Test hook: an errno every lock call fails with (EINVAL: as a file system without OFD locks), or null.</summary>
-    internal static int? SimulatedErrno { get; set; }
+    private static readonly AsyncLocal<int?> s_simulatedErrno = new();
+
+    /// <summary>
+    /// Test hook: an errno every lock call of the current flow of execution fails with (EINVAL: as on a file system
+    /// without OFD locks), or null. Async-local, so that tests running in parallel do not see it.
+    /// </summary>
+    internal static int? SimulatedErrno
+    {
+        get => s_simulatedErrno.Value;
+        set => s_simulatedErrno.Value = value;
+    }
 
     /// <summary>
     /// Take the locks of <paramref name="role"/> on the open image, or throw ImageInUse naming the permission
