@@ -302,6 +302,21 @@ Describe 'Backup targets and restore destinations are locked as writers' {
         Assert-QemuImageEqual -Path $target -Reference $source
     }
 
+    It 'a .partial file another process holds is not taken for a crash''s leftover: ImageInUse; once let go, it is replaced' {
+        if (Skip-WithoutQemu) { return }
+        $target = Join-Path $dir 'next.qcow2'
+        $null = New-BlockImage -Path "$target.partial" -Size 4MB -Format Qcow2 -Confirm:$false
+        $qemu = Start-QemuHolder -Path "$target.partial"   # stands for a backup to the same target in another process
+        try {
+            Assert-BlockError { Start-IncrementalBackup -Node $name -Target $target -Sync Full -Wait } `
+                -ErrorId 'ImageInUse,BitmapBackup.StartIncrementalBackupCommand' -MessageContains "'$target.partial' is being written by another process"
+            Test-Path -LiteralPath "$target.partial" | Should -BeTrue
+        }
+        finally { Stop-QemuHolder $qemu }
+        (Start-IncrementalBackup -Node $name -Target $target -Sync Full -Wait).Succeeded | Should -BeTrue
+        Test-Path -LiteralPath "$target.partial" | Should -BeFalse
+    }
+
     It 'qemu-img info refuses the destination of a running restore, and reads it once restored' {
         if (Skip-WithoutQemu) { return }
         $backup = Join-Path $dir 'full.qcow2'
