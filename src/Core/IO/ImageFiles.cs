@@ -155,12 +155,14 @@ internal static class ImageFiles
         try
         {
             // What was opened may not be what was checked: a FIFO put there meanwhile did not block the open (O_NONBLOCK).
-            errno = LinuxFile.GetKind(handle, out FileKind kind, out ulong device);
-            if (errno == 0)
+            // Without statx the type stays unknown, and so does O_NONBLOCK: no read of it can wait either.
+            if (LinuxFile.GetKind(handle, out FileKind kind, out ulong device) == 0)
+            {
                 RefuseKind(path, kind);
-            errno = LinuxFile.ClearNonBlocking(handle);
-            if (errno != 0)
-                throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.ReadError, $"Cannot open image file '{path}': {LinuxFile.Describe(errno)}", path);
+                errno = LinuxFile.ClearNonBlocking(handle);
+                if (errno != 0)
+                    throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.ReadError, $"Cannot open image file '{path}': {LinuxFile.Describe(errno)}", path);
+            }
             if (role is { } r)
                 ImageLocks.Acquire(handle, path, r, device);
             return handle;
