@@ -184,8 +184,8 @@ public static class BackupBench
     private static bool VerifyOurs(QemuTools tools, BlockNode node, string format, string top)
     {
         node.Flush(); // our metadata on disk, so another reader sees the source as it is
-        if (tools.Img is { } img)
-            return Trace("compare ours", () => RunProcess(img, ["compare", "-q", "-f", format, "-F", "qcow2", node.Path, top]).ExitCode == 0);
+        if (tools.Img is { } img) // -U: the node holds its image locked against qemu-img, as a running QEMU would
+            return Trace("compare ours", () => RunProcess(img, ["compare", "-q", "-U", "-f", format, "-F", "qcow2", node.Path, top]).ExitCode == 0);
         using IBlockImage chain = BlockEngine.OpenImage(top, readOnly: true);
         byte[] a = new byte[MiB], b = new byte[MiB];
         for (long offset = 0; offset < node.Size; offset += MiB)

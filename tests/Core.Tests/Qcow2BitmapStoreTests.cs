@@ -29,14 +29,14 @@ public sealed class Qcow2BitmapStoreTests
         using (BlockNode node = Qcow2BitmapNodes.Open(img))
         {
             node.AddBitmap("daily", 65536, persistent: true);
-            Assert.Equal([("daily", 65536L, "auto,in-use")], Qcow2BitmapNodes.QemuBitmaps(img));
-            QemuImg.AssertClean(img);
+            Assert.Equal([("daily", 65536L, "auto,in-use")], Qcow2BitmapNodes.QemuBitmaps(img, forceShare: true));
+            QemuImg.AssertClean(img, forceShare: true);
             node.AddBitmap("weekly-with-a-longer-name", 4096, persistent: true, disabled: true);
             node.AddBitmap("transient", 4096);
             Assert.Equal(
                 [("daily", 65536L, "auto,in-use"), ("weekly-with-a-longer-name", 4096L, "in-use")],
-                Qcow2BitmapNodes.QemuBitmaps(img));
-            QemuImg.AssertClean(img);
+                Qcow2BitmapNodes.QemuBitmaps(img, forceShare: true));
+            QemuImg.AssertClean(img, forceShare: true);
             node.Write(100_000, Pattern(200_000, 1));
         }
         Assert.Equal(
@@ -128,7 +128,7 @@ public sealed class Qcow2BitmapStoreTests
             Assert.False(bitmap.Inconsistent);
             Assert.True(bitmap.Recording);
             Assert.Equal(b.Bits.Count, bitmap.DirtyBits);
-            Assert.Equal([("b", granularity, "auto,in-use")], Qcow2BitmapNodes.QemuBitmaps(img));
+            Assert.Equal([("b", granularity, "auto,in-use")], Qcow2BitmapNodes.QemuBitmaps(img, forceShare: true));
         }
         QemuImg.AssertClean(img);
         Assert.Equal(b.Bits.Runs().ToArray(), Assert.Single(Qcow2BitmapNodes.Load(img)).Bits!.Runs().ToArray());
@@ -221,18 +221,18 @@ public sealed class Qcow2BitmapStoreTests
         using (BlockNode node = Qcow2BitmapNodes.Open(img))
         {
             node.AddBitmap("x", 4096, persistent: true);
-            QemuImg.AssertClean(img);
+            QemuImg.AssertClean(img, forceShare: true);
             node.Write(0, Pattern(3 * MiB, 2));
             node.AddBitmap("y", 65536, persistent: true);
-            QemuImg.AssertClean(img);
+            QemuImg.AssertClean(img, forceShare: true);
         }
         QemuImg.AssertClean(img);
         Assert.Equal([(0L, 768L)], Qcow2BitmapNodes.Runs(img, "x"));
 
         using (BlockNode node = Qcow2BitmapNodes.Open(img))
         {
-            QemuImg.AssertClean(img); // marked in use at open: the data of the last store is still referenced
-            Assert.All(Qcow2BitmapNodes.QemuBitmaps(img), b => Assert.Contains("in-use", b.Flags));
+            QemuImg.AssertClean(img, forceShare: true); // marked in use at open: the data of the last store is still referenced
+            Assert.All(Qcow2BitmapNodes.QemuBitmaps(img, forceShare: true), b => Assert.Contains("in-use", b.Flags));
             node.GetBitmap("x").Clear();
             node.Write(20 * MiB, new byte[5000]);
         }
@@ -243,16 +243,16 @@ public sealed class Qcow2BitmapStoreTests
         using (BlockNode node = Qcow2BitmapNodes.Open(img))
         {
             node.RemoveBitmap(node.GetBitmap("x"));
-            QemuImg.AssertClean(img);
-            Assert.Equal(["y"], Qcow2BitmapNodes.QemuBitmaps(img).Select(b => b.Name).ToArray());
+            QemuImg.AssertClean(img, forceShare: true);
+            Assert.Equal(["y"], Qcow2BitmapNodes.QemuBitmaps(img, forceShare: true).Select(b => b.Name).ToArray());
         }
         QemuImg.AssertClean(img);
 
         using (BlockNode node = Qcow2BitmapNodes.Open(img))
         {
             node.RemoveBitmap(node.GetBitmap("y"));
-            QemuImg.AssertClean(img);
-            Assert.Empty(Qcow2BitmapNodes.QemuBitmaps(img));
+            QemuImg.AssertClean(img, forceShare: true);
+            Assert.Empty(Qcow2BitmapNodes.QemuBitmaps(img, forceShare: true));
         }
         QemuImg.AssertClean(img);
         using (var image = Qcow2Image.Open(img, readOnly: true))
@@ -565,7 +565,7 @@ public sealed class Qcow2BitmapStoreTests
         BlockNode node = engine.Open(img, "e");
         node.AddBitmap("b", 65536, persistent: true);
         node.Write(3 * MiB, new byte[10]);
-        Assert.Equal([("b", 65536L, "auto,in-use")], Qcow2BitmapNodes.QemuBitmaps(img));
+        Assert.Equal([("b", 65536L, "auto,in-use")], Qcow2BitmapNodes.QemuBitmaps(img, forceShare: true));
         StoredBitmap whileOpen = Assert.Single(engine.ReadStoredBitmaps(img));
         Assert.True(whileOpen.InUse);
         engine.Close(node);
@@ -617,9 +617,9 @@ internal static class Qcow2BitmapNodes
         => Load(path).Single(b => b.Name == name).Bits!.Runs().ToArray();
 
     /// <summary>qemu-img info's bitmaps: name, granularity, flags sorted and joined by commas.</summary>
-    public static List<(string Name, long Granularity, string Flags)> QemuBitmaps(string path)
+    public static List<(string Name, long Granularity, string Flags)> QemuBitmaps(string path, bool forceShare = false)
     {
-        JsonElement info = QemuImg.Info(path);
+        JsonElement info = QemuImg.Info(path, forceShare);
         var list = new List<(string, long, string)>();
         if (!info.GetProperty("format-specific").GetProperty("data").TryGetProperty("bitmaps", out JsonElement bitmaps))
             return list;

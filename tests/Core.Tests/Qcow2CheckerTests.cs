@@ -291,7 +291,7 @@ public sealed class Qcow2CheckerTests
     {
         using var dir = new TempDirectory();
         Assert.Equal(ErrorIds.ImageNotFound, Assert.Throws<BlockException>(() => Qcow2Checker.Check(dir.File("missing.qcow2"))).ErrorId);
-        Assert.Equal(ErrorIds.ImageNotFound, Assert.Throws<BlockException>(() => Qcow2Checker.Check(dir.Path)).ErrorId);
+        Assert.Equal(ErrorIds.ImageIsFolder, Assert.Throws<BlockException>(() => Qcow2Checker.Check(dir.Path)).ErrorId);
         string raw = dir.File("disk.raw");
         File.WriteAllBytes(raw, new byte[4096]);
         Assert.Equal(ErrorIds.UnsupportedFormat, Assert.Throws<BlockException>(() => Qcow2Checker.Check(raw)).ErrorId);

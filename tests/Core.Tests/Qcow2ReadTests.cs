@@ -258,7 +258,10 @@ public sealed class Qcow2ReadTests
         Assert.Equal(ImageFormat.Qcow2, ImageProbe.Detect(q));
         Assert.Equal(ImageFormat.Raw, ImageProbe.Detect(r));
         using (var writer = Qcow2Image.Open(q, readOnly: false))
-            Assert.Equal(ErrorIds.ImageInUse, Assert.Throws<BlockException>(() => ImageProbe.Detect(q)).ErrorId); // the writer's lock
+        {
+            Assert.Equal(ImageFormat.Qcow2, ImageProbe.Detect(q)); // probing takes no lock: it never conflicts
+            Assert.Equal(ErrorIds.ImageInUse, Assert.Throws<BlockException>(() => ImageProbe.Open(q, readOnly: true)).ErrorId); // the writer's locks
+        }
         using IBlockImage qi = ImageProbe.Open(q, readOnly: true);
         using IBlockImage ri = ImageProbe.Open(r, readOnly: true);
         Assert.IsType<Qcow2Image>(qi);

@@ -22,7 +22,24 @@ public abstract class BitmapBackupCmdlet : PSCmdlet
             ReportError(ErrorRecordFactory.From(e));
             return false;
         }
+        finally
+        {
+            WriteEngineWarnings();
+        }
     }
+
+    /// <summary>Write the engine's pending warnings (<see cref="EngineWarnings"/>), for example image locks a file system refuses.</summary>
+    protected void WriteEngineWarnings()
+    {
+        foreach (string message in EngineWarnings.TakePending())
+            WriteWarning(message);
+    }
+
+    /// <summary>The warning of a -ForceShare read: the image is read without locks, and a writer may be changing it.</summary>
+    protected void WriteForceShareWarning(string path)
+        => WriteWarning($"-ForceShare: '{path}' is read without image locks. If another process is writing it, what is read may be changing and may not be consistent.");
+
+    protected override void EndProcessing() => WriteEngineWarnings();
 
     /// <summary>
     /// Whether this cmdlet queues its action inside Invoke-BitmapTransaction. Its errors there are terminating,

@@ -17,6 +17,10 @@ public sealed class GetBackupChainCommand : BitmapBackupCmdlet
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
+    /// <summary>Read the chain without image locks, even while another process writes an image of it (qemu-img -U).</summary>
+    [Parameter]
+    public SwitchParameter ForceShare { get; set; }
+
     #endregion
 
     #region Overrides
@@ -27,12 +31,14 @@ public sealed class GetBackupChainCommand : BitmapBackupCmdlet
         IReadOnlyList<ChainImage> chain = [];
         if (!TryRun(() =>
         {
-            using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true);
+            using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true, ForceShare);
             chain = BackupChain.Describe(top);
         }))
         {
             return;
         }
+        if (ForceShare)
+            WriteForceShareWarning(path);
         foreach (ChainImage image in chain)
             WriteObject(new BackupChainImage(image));
     }

@@ -17,6 +17,10 @@ public sealed class GetBlockImageCommand : BitmapBackupCmdlet
     [ValidateNotNullOrEmpty]
     public string[] Path { get; set; } = null!;
 
+    /// <summary>Read the image without image locks, even while another process writes it (qemu-img info -U).</summary>
+    [Parameter]
+    public SwitchParameter ForceShare { get; set; }
+
     #endregion
 
     #region Overrides
@@ -27,8 +31,12 @@ public sealed class GetBlockImageCommand : BitmapBackupCmdlet
         {
             string path = ResolveFilePath(item);
             BlockImageInfo? info = null;
-            if (TryRun(() => info = Describe(path)))
+            if (TryRun(() => info = Describe(path, ForceShare)))
+            {
+                if (ForceShare)
+                    WriteForceShareWarning(path);
                 WriteObject(info);
+            }
         }
     }
 
@@ -36,13 +44,13 @@ public sealed class GetBlockImageCommand : BitmapBackupCmdlet
 
     #region Private methods
 
-    /// <summary>Read the image, through its node when it is open here (the file is locked then).</summary>
-    internal static BlockImageInfo Describe(string path)
+    /// <summary>Read the image, through its node when it is open here (the file is locked then), else opened as a reader (or without locks).</summary>
+    internal static BlockImageInfo Describe(string path, bool forceShare = false)
     {
         string full = System.IO.Path.GetFullPath(path);
         if (Engine.Nodes.FirstOrDefault(n => n.Path == full) is { } node)
             return new BlockImageInfo(node.Image, node.Store?.Load() ?? []);
-        using IBlockImage image = BlockEngine.OpenImage(full, readOnly: true);
+        using IBlockImage image = BlockEngine.OpenImage(full, readOnly: true, forceShare);
         IReadOnlyList<StoredBitmap> bitmaps = BlockEngine.StoreFor(image)?.Load() ?? [];
         return new BlockImageInfo(image, bitmaps);
     }

@@ -29,6 +29,10 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
+    /// <summary>With -Path: read the image without image locks, even while another process writes it.</summary>
+    [Parameter(ParameterSetName = PathSet)]
+    public SwitchParameter ForceShare { get; set; }
+
     /// <summary>Bitmap names to get; wildcards allowed. All bitmaps when omitted.</summary>
     [Parameter(Position = 0)]
     [SupportsWildcards]
@@ -86,8 +90,10 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     private void WriteStored(string path)
     {
         IReadOnlyList<StoredBitmap> stored = [];
-        if (!TryRun(() => stored = Engine.ReadStoredBitmaps(path)))
+        if (!TryRun(() => stored = Engine.ReadStoredBitmaps(path, ForceShare)))
             return;
+        if (ForceShare)
+            WriteForceShareWarning(path);
         foreach (string pattern in Name ?? ["*"])
         {
             var matcher = new NameMatcher(pattern);

@@ -1,4 +1,5 @@
 using System.Management.Automation;
+using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Nodes;
 
 namespace BitmapBackup;
@@ -29,16 +30,31 @@ public sealed class OpenBlockNodeCommand : BitmapBackupCmdlet
     [Parameter]
     public CacheMode Cache { get; set; } = CacheMode.WriteBack;
 
+    /// <summary>With -ReadOnly: open the image without image locks, even while another process writes it (QEMU's force-share).</summary>
+    [Parameter]
+    public SwitchParameter ForceShare { get; set; }
+
     #endregion
 
     #region Overrides
+
+    protected override void BeginProcessing()
+    {
+        if (ForceShare && !ReadOnly)
+            ThrowTerminatingError(ErrorRecordFactory.Create(ErrorIds.ForceShareRequiresReadOnly, ErrorCategory.InvalidArgument,
+                "-ForceShare can only be used with -ReadOnly: a node that may write an image never ignores its locks (QEMU: force-share=on can only be used with read-only images).", ForceShare));
+    }
 
     protected override void ProcessRecord()
     {
         string path = ResolveFilePath(Path);
         BlockNode? node = null;
-        if (TryRun(() => node = Engine.Open(path, Name, ReadOnly, Cache)))
+        if (TryRun(() => node = Engine.Open(path, Name, ReadOnly, ForceShare, Cache)))
+        {
+            if (ForceShare)
+                WriteForceShareWarning(path);
             WriteObject(new BlockNodeInfo(node!));
+        }
     }
 
     #endregion

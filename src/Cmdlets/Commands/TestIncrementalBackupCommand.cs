@@ -37,6 +37,10 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
     [ValidateNotNullOrEmpty]
     public string ReferencePath { get; set; } = null!;
 
+    /// <summary>Read the chain (and -ReferencePath) without image locks, even while another process writes them (qemu-img -U).</summary>
+    [Parameter]
+    public SwitchParameter ForceShare { get; set; }
+
     #endregion
 
     #region Overrides
@@ -46,12 +50,16 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
         string path = ResolveFilePath(Path);
         try
         {
-            WriteObject(Verify(path));
+            BackupVerification result = Verify(path);
+            if (ForceShare)
+                WriteForceShareWarning(path);
+            WriteObject(result);
         }
         catch (BlockException e)
         {
             WriteError(ErrorRecordFactory.From(e));
         }
+        WriteEngineWarnings();
     }
 
     #endregion
@@ -62,10 +70,10 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
     {
         var problems = new List<string>();
         long leaks = 0;
-        using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true);
+        using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true, ForceShare);
         foreach (ChainImage layer in BackupChain.Describe(top).Where(l => l.Format == ImageFormat.Qcow2))
         {
-            Qcow2CheckReport report = Qcow2Checker.Check(layer.Path);
+            Qcow2CheckReport report = Qcow2Checker.Check(layer.Path, ForceShare);
             problems.AddRange(report.Corruptions.Concat(report.CheckErrors).Select(c => $"{layer.Path}: {c}"));
             leaks += report.Leaks;
         }
@@ -89,7 +97,7 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
             }
             else
             {
-                using IBlockImage other = BlockEngine.OpenImage(full, readOnly: true);
+                using IBlockImage other = BlockEngine.OpenImage(full, readOnly: true, ForceShare);
                 difference = BackupChain.FirstDifference(top.Size, top.Read, other.Size, other.Read, n => compared = n);
             }
         }

@@ -13,6 +13,11 @@ public static class ErrorIds
     public const string ImageNotFound = "ImageNotFound";
     public const string ImageAlreadyExists = "ImageAlreadyExists";
     public const string ImageInUse = "ImageInUse";
+    public const string ImageIsFolder = "ImageIsFolder";
+    public const string ImageIsFifo = "ImageIsFifo";
+    public const string ImageIsSocket = "ImageIsSocket";
+    public const string ImageIsCharacterDevice = "ImageIsCharacterDevice";
+    public const string ForceShareRequiresReadOnly = "ForceShareRequiresReadOnly";
     public const string ImageIOFailed = "ImageIOFailed";
     public const string InvalidImageSize = "InvalidImageSize";
     public const string ShrinkWouldDiscardData = "ShrinkWouldDiscardData";

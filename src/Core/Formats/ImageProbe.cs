@@ -1,6 +1,7 @@
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Formats.Qcow2;
 using BitmapBackup.Core.Formats.Raw;
+using BitmapBackup.Core.IO;
 using BitmapBackup.Core.Nodes;
 
 namespace BitmapBackup.Core.Formats;
@@ -15,50 +16,44 @@ public static class ImageProbe
     public const int ProbeLength = 4;
 
     /// <summary>The format of the image file at <paramref name="path"/>.</summary>
-    /// <remarks>Reading takes a shared lock, so an image open for writing (here or in another process using the
-    /// engine's locks) cannot be probed: ImageInUse.</remarks>
-    /// <exception cref="BlockException">ImageNotFound, ImageInUse, ImageIOFailed.</exception>
+    /// <remarks>Probing reads the first bytes without taking a lock, so it never conflicts with a user of the
+    /// image (here or in QEMU): the driver's open that follows takes the locks and refuses what conflicts.</remarks>
+    /// <exception cref="BlockException">ImageNotFound, ImageIsFolder, ImageIsFifo, ImageIsSocket, ImageIsCharacterDevice, ImageIOFailed.</exception>
     public static ImageFormat Detect(string path)
     {
-        if (!File.Exists(path))
-            Throw.Block(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"Image file '{path}' does not exist.", path);
         Span<byte> first = stackalloc byte[ProbeLength];
         int n = 0;
-        try
+        using (Microsoft.Win32.SafeHandles.SafeFileHandle handle = ImageFiles.OpenUnlocked(path))
         {
-            using Microsoft.Win32.SafeHandles.SafeFileHandle handle = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
-            while (n < first.Length)
+            try
             {
-                int read = RandomAccess.Read(handle, first[n..], n);
-                if (read == 0)
-                    break;
-                n += read;
+                while (n < first.Length)
+                {
+                    int read = RandomAccess.Read(handle, first[n..], n);
+                    if (read == 0)
+                        break;
+                    n += read;
+                }
             }
-        }
-        catch (UnauthorizedAccessException e)
-        {
-            throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.PermissionDenied, $"Image file '{path}' cannot be read: {e.Message}", path, e);
-        }
-        catch (IOException e) when (e is not FileNotFoundException and not DirectoryNotFoundException)
-        {
-            throw new BlockException(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
-                $"Image file '{path}' cannot be probed: {e.Message}", path, e);
-        }
-        catch (IOException e)
-        {
-            throw new BlockException(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"Image file '{path}' does not exist.", path, e);
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.ReadError, $"Image file '{path}' cannot be read: {e.Message}", path, e);
+            }
         }
         return Qcow2Image.IsQcow2(first[..n]) ? ImageFormat.Qcow2 : ImageFormat.Raw;
     }
 
-    /// <summary>Open the image at <paramref name="path"/> with the driver for its detected format.</summary>
-    public static IBlockImage Open(string path, bool readOnly)
+    /// <summary>
+    /// Open the image at <paramref name="path"/> with the driver for its detected format. With
+    /// <paramref name="forceShare"/> (read-only only) the image and its backing chain are read without locks.
+    /// </summary>
+    public static IBlockImage Open(string path, bool readOnly, bool forceShare = false)
     {
         string fullPath = Path.GetFullPath(path);
         return Detect(fullPath) switch
         {
-            ImageFormat.Qcow2 => Qcow2Image.Open(fullPath, readOnly),
-            _ => RawImage.Open(fullPath, readOnly),
+            ImageFormat.Qcow2 => Qcow2Image.Open(fullPath, readOnly, forceShare),
+            _ => RawImage.Open(fullPath, readOnly, forceShare),
         };
     }
 

@@ -53,7 +53,10 @@ public sealed class BackupTarget : IDisposable
         try
         {
             if (File.Exists(partial))
+            {
+                ThrowIfBeingWritten(partial); // a live backup in another process holds its locks; a crashed one left none
                 File.Delete(partial); // left by a crashed backup: never a valid backup
+            }
             options.Create(partial, format, size);
             try
             {
@@ -69,6 +72,24 @@ public sealed class BackupTarget : IDisposable
         {
             s_inUse.TryRemove(path, out _);
             throw;
+        }
+    }
+
+    /// <summary>ImageInUse when another process holds <paramref name="partial"/> (a backup writing it holds the writer locks).</summary>
+    private static void ThrowIfBeingWritten(string partial)
+    {
+        try
+        {
+            IO.ImageFiles.Open(partial, readOnly: false).Dispose();
+        }
+        catch (BlockException e) when (e.ErrorId == ErrorIds.ImageInUse)
+        {
+            throw new BlockException(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
+                $"Backup target '{partial}' is being written by another process; choose another target. {e.Message}", partial, e);
+        }
+        catch (BlockException)
+        {
+            // not an image that opens (a folder, a FIFO...): nothing holds it as a backup, it goes as before
         }
     }
 

@@ -18,6 +18,7 @@ public sealed class BlockEngine
 
     private readonly object _sync = new();
     private readonly Dictionary<string, BlockNode> _nodes = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, string> _opening = new(StringComparer.Ordinal); // node name -> full path, while its image opens
 
     public static BlockEngine Default { get; } = new();
 
@@ -74,22 +75,40 @@ public sealed class BlockEngine
 
     /// <summary>
     /// Open an image as a node. Without <paramref name="name"/> the node is named after the file (made unique).
+    /// With <paramref name="forceShare"/> (read-only only) the image is read without image locks, as QEMU's
+    /// force-share=on: it opens while another process writes it, and what it reads may be changing.
     /// </summary>
-    public BlockNode Open(string path, string? name = null, bool readOnly = false, CacheMode cache = CacheMode.WriteBack)
+    /// <remarks>
+    /// The engine's lock is never held while the file is opened, locked or read (an open can block on the outside
+    /// world: a slow or hung file system): the name and the path are reserved under the lock, the image is opened
+    /// outside it, and the node is registered under it again. A reserved name or path counts as taken.
+    /// </remarks>
+    public BlockNode Open(string path, string? name = null, bool readOnly = false, bool forceShare = false, CacheMode cache = CacheMode.WriteBack)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (name is not null)
             CheckNodeName(name);
+        if (forceShare && !readOnly)
+            Throw.Block(ErrorIds.ForceShareRequiresReadOnly, BlockErrorCategory.InvalidArgument,
+                $"Image '{fullPath}' cannot be opened for writing with force-share: only a read-only node may ignore the image locks (QEMU: force-share=on can only be used with read-only images).", fullPath);
         lock (_sync)
         {
             if (_nodes.Values.FirstOrDefault(n => n.Path == fullPath) is { } open)
                 Throw.Block(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
                     $"Image '{fullPath}' is already open as node '{open.Name}'.", fullPath);
-            if (name is not null && _nodes.ContainsKey(name))
+            if (_opening.FirstOrDefault(o => o.Value == fullPath) is { Key: { } opening })
+                Throw.Block(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
+                    $"Image '{fullPath}' is being opened as node '{opening}'.", fullPath);
+            if (name is not null && (_nodes.ContainsKey(name) || _opening.ContainsKey(name)))
                 Throw.Block(ErrorIds.NodeNameInUse, BlockErrorCategory.ResourceExists, $"Node name '{name}' is already in use.", name);
             name ??= UniqueName(DefaultName(fullPath));
-            IBlockImage image = OpenImage(fullPath, readOnly);
-            var node = new BlockNode(name, image, StoreFor(image), cache);
+            _opening.Add(name, fullPath);
+        }
+        BlockNode node;
+        try
+        {
+            IBlockImage image = OpenImage(fullPath, readOnly, forceShare);
+            node = new BlockNode(name, image, StoreFor(image), cache);
             try
             {
                 node.LoadPersistentBitmaps();
@@ -99,24 +118,35 @@ public sealed class BlockEngine
                 image.Dispose();
                 throw;
             }
-            _nodes.Add(name, node);
-            return node;
         }
+        catch
+        {
+            lock (_sync)
+                _opening.Remove(name);
+            throw;
+        }
+        lock (_sync)
+        {
+            _opening.Remove(name);
+            _nodes.Add(name, node);
+        }
+        return node;
     }
 
-    /// <summary>Open an image file with the driver of its format.</summary>
-    public static IBlockImage OpenImage(string path, bool readOnly) => ImageProbe.Open(path, readOnly);
+    /// <summary>Open an image file with the driver of its format; with <paramref name="forceShare"/> (read-only) without image locks.</summary>
+    public static IBlockImage OpenImage(string path, bool readOnly, bool forceShare = false) => ImageProbe.Open(path, readOnly, forceShare);
 
     /// <summary>
     /// The bitmaps stored in an image, read without changing it. An image open here is read through its node's
-    /// store (its stored state: in use while open).
+    /// store (its stored state: in use while open). Otherwise the image is opened read-only (as a reader, or
+    /// without locks with <paramref name="forceShare"/>) for the time of the read.
     /// </summary>
-    public IReadOnlyList<StoredBitmap> ReadStoredBitmaps(string path)
+    public IReadOnlyList<StoredBitmap> ReadStoredBitmaps(string path, bool forceShare = false)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (Nodes.FirstOrDefault(n => n.Path == fullPath) is { Store: { } open })
             return open.Load();
-        using IBlockImage image = OpenImage(fullPath, readOnly: true);
+        using IBlockImage image = OpenImage(fullPath, readOnly: true, forceShare);
         return StoreFor(image)?.Load() ?? [];
     }
 
@@ -137,15 +167,22 @@ public sealed class BlockEngine
     public BlockNode Get(string name)
         => Find(name) ?? throw new BlockException(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{name}' not found.", name);
 
-    /// <summary>Flush and close a node and forget its (non-persistent) bitmaps. Refused while a backup uses it.</summary>
+    /// <summary>
+    /// Flush and close a node and forget its (non-persistent) bitmaps. Refused while a backup uses it. The flush
+    /// runs outside the engine's lock: the node stays registered until it is closed.
+    /// </summary>
     public void Close(BlockNode node)
     {
         lock (_sync)
         {
             if (!_nodes.TryGetValue(node.Name, out BlockNode? known) || known != node)
                 Throw.Block(ErrorIds.NodeNotFound, BlockErrorCategory.ObjectNotFound, $"Node '{node.Name}' not found.", node.Name);
-            node.Close();
-            _nodes.Remove(node.Name);
+        }
+        node.Close();
+        lock (_sync)
+        {
+            if (_nodes.TryGetValue(node.Name, out BlockNode? known) && known == node)
+                _nodes.Remove(node.Name);
         }
     }
 
@@ -199,12 +236,12 @@ public sealed class BlockEngine
 
     private string UniqueName(string stem)
     {
-        if (!_nodes.ContainsKey(stem))
+        if (!_nodes.ContainsKey(stem) && !_opening.ContainsKey(stem))
             return stem;
         for (int i = 2; ; i++)
         {
             string candidate = $"{stem}-{i}";
-            if (!_nodes.ContainsKey(candidate))
+            if (!_nodes.ContainsKey(candidate) && !_opening.ContainsKey(candidate))
                 return candidate;
         }
     }

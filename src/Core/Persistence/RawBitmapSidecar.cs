@@ -35,7 +35,7 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
         byte[] file;
         try
         {
-            file = File.ReadAllBytes(Path);
+            file = ReadWhole(Path);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -148,9 +148,19 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
             dataPos += Align8(e.Data.Length);
         }
         string temp = Path + ".tmp";
+        Microsoft.Win32.SafeHandles.SafeFileHandle handle;
         try
         {
-            using (var fs = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None))
+            handle = IO.ImageFiles.OpenToRewrite(temp); // locked as a writer, then emptied
+        }
+        catch (BlockException e) when (e.ErrorId != ErrorIds.ImageInUse) // in use: another writer's file, left alone
+        {
+            TryDelete(temp);
+            throw;
+        }
+        try
+        {
+            using (var fs = new FileStream(handle, FileAccess.Write))
             {
                 Testing.FaultInjection.Check(temp, Testing.FaultOperation.FileWrite, 0, file.Length);
                 fs.Write(file);
@@ -161,16 +171,43 @@ public sealed class RawBitmapSidecar(string imagePath) : IBitmapStore
         }
         catch (Exception ex) when (ex is IOException or UnauthorizedAccessException or BlockException)
         {
-            try
-            {
-                File.Delete(temp); // the old sidecar stays as it was: the update did not happen
-            }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-            }
+            TryDelete(temp); // the old sidecar stays as it was: the update did not happen
             if (ex is BlockException)
                 throw;
             throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError, $"Cannot write bitmap sidecar '{Path}': {ex.Message}", Path, ex);
+        }
+    }
+
+    /// <summary>
+    /// The whole sidecar, read without a lock: writers never change it in place (they rename a new file over it),
+    /// and the open refuses a FIFO or a device put in its place instead of blocking on it.
+    /// </summary>
+    private static byte[] ReadWhole(string path)
+    {
+        using Microsoft.Win32.SafeHandles.SafeFileHandle handle = IO.ImageFiles.OpenUnlocked(path);
+        long length = RandomAccess.GetLength(handle);
+        if (length > Array.MaxLength)
+            throw new IOException($"the file is {length} bytes long");
+        byte[] bytes = new byte[length];
+        int done = 0;
+        while (done < bytes.Length)
+        {
+            int n = RandomAccess.Read(handle, bytes.AsSpan(done), done);
+            if (n == 0)
+                throw new IOException($"the file ended at {done} of {length} bytes");
+            done += n;
+        }
+        return bytes;
+    }
+
+    private static void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
         }
     }
 

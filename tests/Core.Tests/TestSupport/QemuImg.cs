@@ -45,13 +45,17 @@ public static class QemuImg
         Assert.DoesNotContain("failed", r.Stdout, StringComparison.OrdinalIgnoreCase);
     }
 
-    public static JsonElement Info(string image)
-        => JsonDocument.Parse(RunOk("info", "--output=json", image)).RootElement.Clone();
+    /// <summary>
+    /// <c>qemu-img info --output=json</c>. <paramref name="forceShare"/> adds -U: needed while the image is open
+    /// here (our image locks make qemu-img refuse it otherwise, as a running QEMU would).
+    /// </summary>
+    public static JsonElement Info(string image, bool forceShare = false)
+        => JsonDocument.Parse(RunOk(["info", "--output=json", .. Shared(forceShare), image])).RootElement.Clone();
 
-    /// <summary><c>qemu-img check --output=json</c>; the exit code tells errors (2) and leaks (3) too.</summary>
-    public static QemuCheck Check(string image)
+    /// <summary><c>qemu-img check --output=json</c> (-U with <paramref name="forceShare"/>); the exit code tells errors (2) and leaks (3) too.</summary>
+    public static QemuCheck Check(string image, bool forceShare = false)
     {
-        QemuResult r = Run("check", "--output=json", image);
+        QemuResult r = Run(["check", "--output=json", .. Shared(forceShare), image]);
         Assert.True(r.ExitCode is 0 or 2 or 3, $"qemu-img check failed to run ({r.ExitCode}): {r.Stderr}");
         JsonElement root = JsonDocument.Parse(r.Stdout).RootElement;
         return new QemuCheck(
@@ -63,18 +67,18 @@ public static class QemuImg
             r.Stdout + r.Stderr);
     }
 
-    /// <summary>Assert that qemu-img check finds neither errors nor leaks.</summary>
-    public static void AssertClean(string image)
+    /// <summary>Assert that qemu-img check finds neither errors nor leaks (-U with <paramref name="forceShare"/>: the image is open here).</summary>
+    public static void AssertClean(string image, bool forceShare = false)
     {
-        QemuCheck c = Check(image);
+        QemuCheck c = Check(image, forceShare);
         Assert.True(c.ExitCode == 0 && c.CheckErrors == 0 && c.Corruptions == 0 && c.Leaks == 0,
             $"qemu-img check of '{image}' is not clean: {c.Output}");
     }
 
     /// <summary><c>qemu-img map --output=json</c> entries.</summary>
-    public static IReadOnlyList<QemuMapEntry> Map(string image)
+    public static IReadOnlyList<QemuMapEntry> Map(string image, bool forceShare = false)
     {
-        using JsonDocument doc = JsonDocument.Parse(RunOk("map", "--output=json", image));
+        using JsonDocument doc = JsonDocument.Parse(RunOk(["map", "--output=json", .. Shared(forceShare), image]));
         var entries = new List<QemuMapEntry>();
         foreach (JsonElement e in doc.RootElement.EnumerateArray())
         {
@@ -93,8 +97,8 @@ public static class QemuImg
     /// qemu-img map of the top image in our terms: depth &gt; 0 or not present → Unallocated; data → Data;
     /// zero without data → Zero. Adjacent runs with the same state are merged.
     /// </summary>
-    public static IReadOnlyList<AllocationExtent> TopLayerMap(string image)
-        => Merge(Map(image).Select(e => new AllocationExtent(e.Start, e.Length,
+    public static IReadOnlyList<AllocationExtent> TopLayerMap(string image, bool forceShare = false)
+        => Merge(Map(image, forceShare).Select(e => new AllocationExtent(e.Start, e.Length,
             e.Depth > 0 || !e.Present ? AllocationState.Unallocated
             : e.Data ? AllocationState.Data
             : AllocationState.Zero)));
@@ -115,9 +119,10 @@ public static class QemuImg
     }
 
     /// <summary>qemu-img compare exit code: 0 equal, 1 different.</summary>
-    public static QemuResult Compare(string a, string b, string? formatA = null, string? formatB = null)
+    public static QemuResult Compare(string a, string b, string? formatA = null, string? formatB = null, bool forceShare = false)
     {
         var args = new List<string> { "compare" };
+        args.AddRange(Shared(forceShare));
         if (formatA is not null)
             args.AddRange(["-f", formatA]);
         if (formatB is not null)
@@ -126,9 +131,9 @@ public static class QemuImg
         return Run([.. args]);
     }
 
-    public static void AssertSameContents(string image, string raw)
+    public static void AssertSameContents(string image, string raw, bool forceShare = false)
     {
-        QemuResult r = Compare(image, raw, null, "raw");
+        QemuResult r = Compare(image, raw, null, "raw", forceShare);
         Assert.True(r.ExitCode == 0, $"qemu-img compare '{image}' '{raw}' exited {r.ExitCode}: {r.Stdout}{r.Stderr}");
     }
 
@@ -140,6 +145,9 @@ public static class QemuImg
         File.Delete(scratchRaw);
         return bytes;
     }
+
+    /// <summary>qemu-img's -U (force share) when asked: read an image that an open here holds locked.</summary>
+    private static string[] Shared(bool forceShare) => forceShare ? ["-U"] : [];
 
     private static int Int(JsonElement root, string name)
         => root.TryGetProperty(name, out JsonElement v) ? v.GetInt32() : 0;

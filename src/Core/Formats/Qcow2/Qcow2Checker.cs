@@ -3,6 +3,7 @@ using System.Collections;
 using System.Globalization;
 using System.Runtime.CompilerServices;
 using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.IO;
 using Microsoft.Win32.SafeHandles;
 
 namespace BitmapBackup.Core.Formats.Qcow2;
@@ -135,14 +136,16 @@ public sealed class Qcow2Checker
 
     /// <summary>
     /// Check the qcow2 image at <paramref name="path"/> without changing it. Problems in the image are reported in the
-    /// returned <see cref="Qcow2CheckReport"/>; so is an image locked by a writer (as a check error).
+    /// returned <see cref="Qcow2CheckReport"/>; so is an image locked by a writer (as a check error: the check opens
+    /// it as a reader, with QEMU's image locks, as qemu-img check does). With <paramref name="forceShare"/> it reads
+    /// the image without locks (qemu-img check -U): a writer may be changing what it checks.
     /// </summary>
     /// <exception cref="BlockException">
-    /// ImageNotFound (no such file, or a folder), ImageIOFailed (no permission to read it), UnsupportedFormat (not a
-    /// qcow2 image), UnsupportedImageFeature (unknown version, cluster size above 2 MiB), ImageCorrupt (the header
+    /// ImageNotFound (no such file), ImageIsFolder, ImageIsFifo, ImageIsSocket, ImageIsCharacterDevice (not a file),
+    /// ImageIOFailed (no permission to read it), UnsupportedFormat (not a qcow2 image), UnsupportedImageFeature (unknown version, cluster size above 2 MiB), ImageCorrupt (the header
     /// cannot be interpreted: file shorter than a header, cluster_bits, header_length or refcount_order out of range).
     /// </exception>
-    public static Qcow2CheckReport Check(string path)
+    public static Qcow2CheckReport Check(string path, bool forceShare = false)
     {
         ArgumentNullException.ThrowIfNull(path);
         string fullPath;
@@ -154,27 +157,13 @@ public sealed class Qcow2Checker
         {
             throw new BlockException(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"'{path}' is not a usable image path: {e.Message}", path, e);
         }
-        if (Directory.Exists(fullPath))
-            Throw.Block(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"'{fullPath}' is a folder, not an image file.", fullPath);
-        if (!File.Exists(fullPath))
-            Throw.Block(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"Image file '{fullPath}' does not exist.", fullPath);
-
         var report = new Qcow2CheckReport(fullPath);
         SafeFileHandle handle;
         try
         {
-            handle = File.OpenHandle(fullPath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            handle = ImageFiles.Open(fullPath, readOnly: true, forceShare);
         }
-        catch (UnauthorizedAccessException e)
-        {
-            throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.PermissionDenied,
-                $"Image file '{fullPath}' cannot be opened for reading: {e.Message}", fullPath, e);
-        }
-        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
-        {
-            throw new BlockException(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"Image file '{fullPath}' does not exist.", fullPath, e);
-        }
-        catch (IOException e)
+        catch (BlockException e) when (e.ErrorId == ErrorIds.ImageInUse)
         {
             report.AddCheckError($"the image is locked by a writer (it is open for writing, here or in another process), so it cannot be checked now: {e.Message}");
             return report;

@@ -18,18 +18,20 @@ public sealed partial class Qcow2Image
     /// feature: encryption, external data file, extended L2, zstd, unknown bits, internal snapshots when writing),
     /// BackingFileNotFound, BackingChainLoop, BackingChainTooDeep.
     /// </exception>
-    public static Qcow2Image Open(string path, bool readOnly)
-        => OpenInChain(System.IO.Path.GetFullPath(path), readOnly, [], 0);
+    /// <remarks>Every file of the chain takes QEMU's image locks (the image as a writer or a reader, its backing
+    /// files as readers), or none with <paramref name="forceShare"/>, which only a read-only open may ask for.</remarks>
+    public static Qcow2Image Open(string path, bool readOnly, bool forceShare = false)
+        => OpenInChain(System.IO.Path.GetFullPath(path), readOnly, [], 0, forceShare);
 
-    internal static Qcow2Image OpenInChain(string fullPath, bool readOnly, HashSet<string> chain, int depth)
+    internal static Qcow2Image OpenInChain(string fullPath, bool readOnly, HashSet<string> chain, int depth, bool forceShare = false)
     {
         chain.Add(fullPath);
-        var file = new Qcow2File(fullPath, ImageFiles.Open(fullPath, readOnly));
+        var file = new Qcow2File(fullPath, ImageFiles.Open(fullPath, readOnly, forceShare));
         Qcow2Image? image = null;
         try
         {
             image = Load(file, readOnly);
-            image.OpenBacking(chain, depth);
+            image.OpenBacking(chain, depth, forceShare);
             return image;
         }
         catch
@@ -271,7 +273,7 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>Open the backing image read-only, checking for loops and depth.</summary>
-    private void OpenBacking(HashSet<string> chain, int depth)
+    private void OpenBacking(HashSet<string> chain, int depth, bool forceShare)
     {
         if (BackingFile is null)
             return;
@@ -312,8 +314,8 @@ public sealed partial class Qcow2Image
         }
 
         IBlockImage backing = format == ImageFormat.Qcow2
-            ? OpenInChain(backingPath, readOnly: true, chain, depth + 1)
-            : RawImage.Open(backingPath, readOnly: true);
+            ? OpenInChain(backingPath, readOnly: true, chain, depth + 1, forceShare)
+            : RawImage.Open(backingPath, readOnly: true, forceShare);
         _backing = backing;
         _backingFormat = format;
         var entries = new List<BackingChainEntry> { new(backingPath, format, backing.Size) };

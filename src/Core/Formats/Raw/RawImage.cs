@@ -30,7 +30,8 @@ public sealed class RawImage : IBlockImage
     public bool ReadOnly { get; }
     public string? BackingFile => null;
 
-    public static RawImage Open(string path, bool readOnly) => new(path, ImageFiles.Open(path, readOnly), readOnly);
+    /// <summary>Open a raw image; with <paramref name="forceShare"/> (read-only) without image locks.</summary>
+    public static RawImage Open(string path, bool readOnly, bool forceShare = false) => new(path, ImageFiles.Open(path, readOnly, forceShare), readOnly);
 
     /// <summary>Create a sparse raw image of <paramref name="size"/> bytes; fails if the file exists.</summary>
     public static void Create(string path, long size)
