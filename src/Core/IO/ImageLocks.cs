@@ -50,7 +50,7 @@ internal static class ImageLocks
     /// <returns>True when locked; false when the file system does not support the locks (the open goes on without).</returns>
     public static bool Acquire(SafeFileHandle handle, string path, ImageLockRole role, ulong device)
     {
-        int errno = FindConflict(handle, role, out string? conflict);
+        int errno = FindConflictSettled(handle, role, out string? conflict);
         if (errno != 0)
             return Unavailable(path, device, errno);
         if (conflict is not null)
@@ -110,6 +110,27 @@ internal static class ImageLocks
         ImagePermissions.Resize => "resize",
         _ => permission.ToString(),
     };
+
+    /// <summary>How long a conflict may take to go away before it counts (see <see cref="FindConflictSettled"/>).</summary>
+    private static readonly TimeSpan SettleTime = TimeSpan.FromMilliseconds(200);
+
+    /// <summary>
+    /// <see cref="FindConflict"/>, looking again for a moment before calling a conflict one. An open file description
+    /// outlives its last close while a child process forked by any thread of this process (qemu-img started by
+    /// Process.Start) still holds a copy of the descriptor, until that child's exec closes it (O_CLOEXEC): so an image
+    /// closed here a moment ago can still look locked for that long. A real user of the image is still refused.
+    /// </summary>
+    private static int FindConflictSettled(SafeFileHandle handle, ImageLockRole role, out string? conflict)
+    {
+        long deadline = Environment.TickCount64 + (long)SettleTime.TotalMilliseconds;
+        while (true)
+        {
+            int errno = FindConflict(handle, role, out conflict);
+            if (errno != 0 || conflict is null || Environment.TickCount64 >= deadline)
+                return errno;
+            Thread.Sleep(10);
+        }
+    }
 
     /// <summary>
     /// QEMU's raw_check_lock_bytes: first each held permission against its "not shared" byte, then each unshared
