@@ -1,5 +1,6 @@
 using System.Management.Automation;
 using BitmapBackup.Core.Chains;
+using BitmapBackup.Core.Digests;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Formats.Qcow2;
 using BitmapBackup.Core.Nodes;
@@ -16,6 +17,7 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
 {
     private const string NodeSet = "Node";
     private const string ReferenceSet = "ReferencePath";
+    private const string ManifestSet = "Manifest";
 
     #region Parameters
 
@@ -36,6 +38,11 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
     [Parameter(Mandatory = true, ParameterSetName = ReferenceSet)]
     [ValidateNotNullOrEmpty]
     public string ReferencePath { get; set; } = null!;
+
+    /// <summary>The chain's digest manifest to compare with: a check that needs no source ('&lt;Path&gt;.digests' is the one its backup wrote).</summary>
+    [Parameter(Mandatory = true, ParameterSetName = ManifestSet)]
+    [ValidateNotNullOrEmpty]
+    public string Manifest { get; set; } = null!;
 
     /// <summary>Read the chain (and -ReferencePath) without image locks, even while another process writes them (qemu-img -U).</summary>
     [Parameter]
@@ -80,6 +87,22 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
         long compared = 0;
         long? difference;
         string reference;
+        if (ParameterSetName == ManifestSet)
+        {
+            using DigestManifest manifest = DigestManifest.Open(ResolveFilePath(Manifest));
+            reference = manifest.Path;
+            if (manifest.Info.NodeSize != top.Size)
+            {
+                problems.Add($"{manifest.Path}: it describes a disk of {manifest.Info.NodeSize} bytes, but the chain is {top.Size} bytes");
+                return new BackupVerification(path, reference, problems, leaks, null, 0);
+            }
+            long? firstCluster = null;
+            ManifestScanResult scan = ManifestScan.Compare(ManifestScan.Of(top), manifest, c => firstCluster ??= c, n => compared = n);
+            difference = firstCluster * manifest.Info.ClusterSize;
+            if (difference is { } first)
+                WriteVerbose($"'{path}' differs from its manifest in {scan.ClustersDiffering} clusters of {manifest.Info.ClusterSize} bytes, the first at offset {first}.");
+            return new BackupVerification(path, reference, problems, leaks, difference, compared, scan.ClustersDiffering);
+        }
         if (ParameterSetName == NodeSet)
         {
             BlockNode node = Engine.Get(Node);

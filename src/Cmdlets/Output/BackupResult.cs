@@ -20,6 +20,7 @@ public sealed class BackupResult
         Succeeded = job.Succeeded;
         Error = job.Error?.Message;
         ErrorId = job.Error?.ErrorId;
+        Manifest = job.Succeeded && job.ManifestPath is { } manifest && File.Exists(manifest) ? manifest : null;
     }
 
     /// <summary>Name of the node backed up.</summary>
@@ -55,4 +56,7 @@ public sealed class BackupResult
 
     /// <summary>The stable id of the failure, or empty.</summary>
     public string? ErrorId { get; }
+
+    /// <summary>The digest manifest written beside the backup ('&lt;target&gt;.digests'), or empty when none was.</summary>
+    public string? Manifest { get; }
 }

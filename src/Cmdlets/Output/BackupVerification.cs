@@ -3,8 +3,9 @@ namespace BitmapBackup;
 /// <summary>What Test-IncrementalBackup found: the chain's structure and its content against a reference.</summary>
 public sealed class BackupVerification
 {
-    internal BackupVerification(string path, string reference, IReadOnlyList<string> problems, long leakedClusters, long? firstDifference, long bytesCompared)
+    internal BackupVerification(string path, string reference, IReadOnlyList<string> problems, long leakedClusters, long? firstDifference, long bytesCompared, long? clustersDiffering = null)
     {
+        ClustersDiffering = clustersDiffering;
         Path = path;
         Reference = reference;
         Problems = problems.ToArray();
@@ -35,6 +36,9 @@ public sealed class BackupVerification
     public long? FirstDifference { get; }
 
     public long BytesCompared { get; }
+
+    /// <summary>With -Manifest: how many clusters do not hash to their digest; empty otherwise.</summary>
+    public long? ClustersDiffering { get; }
 
     /// <summary>Equal and sound.</summary>
     public bool Passed => Equal;

@@ -331,6 +331,34 @@ public sealed class DirtyBitmap
         }
     }
 
+    /// <summary>
+    /// End a content scan (Update-DirtyBitmap) that ran with a successor: the bits become the old ones (or, for an
+    /// inconsistent bitmap, none: its old bits cannot be trusted), plus the writes made during the scan, plus the
+    /// clusters the scan found changed (<paramref name="changed"/>, one bit per <paramref name="changedGranularity"/>
+    /// bytes). An inconsistent bitmap is consistent again: nothing written since its last backup is missing.
+    /// </summary>
+    public void CompleteScan(HierarchicalBitmap changed, long changedGranularity)
+    {
+        lock (Node.Sync)
+        {
+            DirtyBitmap successor = RequireSuccessor();
+            if (Inconsistent)
+            {
+                _bits = successor._bits;
+                Inconsistent = false;
+            }
+            else
+            {
+                _bits.Merge(successor._bits);
+            }
+            if (changedGranularity == Granularity && changed.Length == _bits.Length)
+                _bits.Merge(changed);
+            else
+                _bits.Merge(changed, changedGranularity, Granularity);
+            EndSuccession(successor);
+        }
+    }
+
     private DirtyBitmap RequireSuccessor()
         => Successor ?? throw new InvalidOperationException($"Bitmap '{Name}' on node '{Node.Name}' has no successor.");
 

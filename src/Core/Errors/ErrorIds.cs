@@ -65,6 +65,10 @@ public static class ErrorIds
     public const string BackupCancelled = "BackupCancelled";
     public const string JobStopTimedOut = "JobStopTimedOut";
 
+    // Digest manifests
+    public const string DigestManifestNotFound = "DigestManifestNotFound";
+    public const string DigestManifestMismatch = "DigestManifestMismatch";
+
     // Transactions
     public const string TransactionConflict = "TransactionConflict";
     public const string GroupedCompletionNotAllowed = "GroupedCompletionNotAllowed";

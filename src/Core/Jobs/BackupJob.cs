@@ -1,4 +1,5 @@
 using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Digests;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Nodes;
 
@@ -37,6 +38,7 @@ public sealed class BackupJob
     private readonly TaskCompletionSource _finalizeRequested = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly TaskCompletionSource _completed = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private BlockCopier? _copier;
+    private DigestManifestWriter? _digests;
     private BlockJobStatus _status = BlockJobStatus.Created;
     private BlockException? _error;
     private BlockException? _lastTransientError;
@@ -140,8 +142,46 @@ public sealed class BackupJob
             ? BackupTarget.OpenExisting(r.Target, r.Source.Size, targetOptions)
             : BackupTarget.CreateNew(r.Target, r.TargetFormat, r.Source.Size, targetOptions);
         long cluster = Math.Max(65536, target.Image.ClusterSize);
-        return new BackupJob(spec, target, cluster);
+        var job = new BackupJob(spec, target, cluster);
+        try
+        {
+            job._digests = StartManifest(spec, target, cluster);
+        }
+        catch
+        {
+            job.Cleanup(() => target.Discard());
+            throw;
+        }
+        return job;
     }
+
+    /// <summary>
+    /// The digest manifest this backup writes beside its target, or null. A backup from a bitmap into a new target
+    /// writes one: a full backup from scratch, an incremental from the manifest of the backup it goes on top of (no
+    /// manifest when that one has none or it does not fit: another node, another cluster size).
+    /// </summary>
+    private static DigestManifestWriter? StartManifest(ValidatedBackup spec, BackupTarget target, long cluster)
+    {
+        if (spec.Bitmap is not { } bitmap || !target.Created || spec.Sync is not (BackupSyncMode.Full or BackupSyncMode.Bitmap))
+            return null;
+        BlockNode source = spec.Request.Source;
+        var info = new DigestManifestInfo(source.Path, bitmap.Name!, bitmap.Granularity, source.Size, cluster,
+            System.IO.Path.GetFileName(target.Path), DateTimeOffset.Now);
+        if (spec.Sync == BackupSyncMode.Full)
+            return DigestManifestWriter.Create(DigestManifest.PathFor(target.Path), info, previous: null);
+        if (target.Image is not Formats.Qcow2.Qcow2Image { BackingChain: [{ } below, ..] })
+            return null;
+        string previousPath = DigestManifest.PathFor(below.Path);
+        if (!File.Exists(previousPath))
+            return null;
+        using DigestManifest previous = DigestManifest.Open(previousPath);
+        if (previous.Info.ClusterSize != cluster || !string.Equals(previous.Info.NodePath, source.Path, StringComparison.Ordinal))
+            return null;
+        return DigestManifestWriter.Create(DigestManifest.PathFor(target.Path), info, previous);
+    }
+
+    /// <summary>The digest manifest this backup writes (its final path), or null when it writes none.</summary>
+    public string? ManifestPath => _digests?.Path;
 
     /// <summary>
     /// Write the source's unsynced data and metadata back before the point in time, so that the backup never holds
@@ -196,7 +236,8 @@ public sealed class BackupJob
             SkipUnallocated: _spec.Sync is BackupSyncMode.Full && _target.Created && _target.Image.BackingFile is null,
             ZeroesAsZeroClusters: _spec.Sync == BackupSyncMode.Bitmap,
             Compress: _spec.Request.Compress,
-            ZeroFrom: zeroFrom);
+            ZeroFrom: zeroFrom,
+            Digests: _digests);
         _copier = new BlockCopier(source, _target.Image, ClusterSize, toCopy, policy);
         source.AddWriteInterceptor(_copier);
         PointInTime = DateTimeOffset.Now;
@@ -232,6 +273,7 @@ public sealed class BackupJob
             });
         }
         Cleanup(() => _target.Discard());
+        Cleanup(() => _digests?.Dispose());
         Conclude(new BlockException(ErrorIds.BackupCancelled, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' was cancelled before it started.", Id));
     }
 
@@ -479,9 +521,23 @@ public sealed class BackupJob
             return e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
                 $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
         }
+        Cleanup(CommitManifest);
         CleanUpBitmap(succeeded: true);
         Conclude(null);
         return null;
+    }
+
+    /// <summary>
+    /// The backup has committed: its manifest gets its name, and, when the bitmap now starts from this backup, the
+    /// index points the bitmap at it. A failure here does not undo the backup; it is reported with the job.
+    /// </summary>
+    private void CommitManifest()
+    {
+        if (_digests is null)
+            return;
+        _digests.Commit(PointInTime);
+        if (_spec.Bitmap is { } bitmap && _spec.BitmapMode != BitmapSyncMode.Never)
+            ManifestIndex.Record(Source.Path, bitmap.Name!, _digests.Path);
     }
 
     /// <summary>
@@ -498,6 +554,7 @@ public sealed class BackupJob
         // An "always" bitmap drops what was copied even on failure: keep those clusters, in the partial file.
         bool keep = _spec.BitmapMode == BitmapSyncMode.Always && BytesDone > 0;
         Cleanup(() => _target.Discard(keepPartial: keep));
+        Cleanup(() => _digests?.Dispose());
         Cleanup(() => CleanUpBitmap(succeeded: false));
         if (_target.KeptPartial)
             failure = new BlockException(failure.ErrorId, failure.Category,

@@ -78,6 +78,8 @@ public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync,
                     $"Bitmap mode must be given when providing a bitmap ('{r.BitmapName}' on node '{node}'): -BitmapMode OnSuccess, Always or Never.", r.BitmapName);
             // The way back from an inconsistent bitmap: a full backup that resets it re-anchors it (QEMU refuses).
             repair = bitmap.Inconsistent && sync == BackupSyncMode.Full && mode is BitmapSyncMode.OnSuccess or BitmapSyncMode.Always;
+            if (bitmap.Inconsistent && sync == BackupSyncMode.Bitmap && !bitmap.Busy)
+                RefuseInconsistentIncremental(r, bitmap);
             bitmap.Check(repair ? BitmapUse.RefuseBusy : BitmapUse.AllowReadOnly);
             if (sync == BackupSyncMode.None)
                 Throw.Block(ErrorIds.BitmapWithSyncNone, BlockErrorCategory.InvalidArgument,
@@ -105,5 +107,29 @@ public sealed record ValidatedBackup(BackupRequest Request, BackupSyncMode Sync,
         if (r.BytesPerSecond < 0)
             Throw.Block(ErrorIds.InvalidSpeed, BlockErrorCategory.InvalidArgument, $"-BytesPerSecond expects a non-negative value, not {r.BytesPerSecond}.", r.BytesPerSecond);
         return new ValidatedBackup(r with { Target = target }, sync, bitmap, mode, repair);
+    }
+
+    /// <summary>
+    /// An incremental from an inconsistent bitmap would miss writes. The way back depends on what is known of the
+    /// last backup: with a digest manifest, Update-DirtyBitmap rebuilds the bitmap by content and the chain goes on;
+    /// without one, a full backup starts a new chain.
+    /// </summary>
+    private static void RefuseInconsistentIncremental(BackupRequest r, DirtyBitmap bitmap)
+    {
+        string? manifest = null;
+        if (r.BackingFile is { } backing)
+        {
+            string folder = Path.GetDirectoryName(Path.GetFullPath(r.Target)) ?? ".";
+            string candidate = Digests.DigestManifest.PathFor(Path.GetFullPath(Path.Combine(folder, backing)));
+            if (File.Exists(candidate))
+                manifest = candidate;
+        }
+        manifest ??= Digests.ManifestIndex.Find(r.Source.Path, bitmap.Name!) is { } known && File.Exists(known) ? known : null;
+        string node = r.Source.Name;
+        string way = manifest is not null
+            ? $"Rebuild it from the last backup's digest manifest, then take the incremental: Update-DirtyBitmap -Node '{node}' -Name '{bitmap.Name}' -Manifest '{manifest}' (only what changed is copied; the chain goes on)."
+            : $"No digest manifest of its last backup is known, so start a new chain with a full backup that re-anchors it: Start-IncrementalBackup -Sync Full -Bitmap '{bitmap.Name}' -BitmapMode OnSuccess; or remove it with Remove-DirtyBitmap.";
+        Throw.Block(ErrorIds.BitmapInconsistent, BlockErrorCategory.InvalidOperation,
+            $"Bitmap '{bitmap.Name}' on node '{node}' is inconsistent (it was not saved cleanly and may have missed writes) and cannot drive an incremental backup. {way}", bitmap.Name);
     }
 }

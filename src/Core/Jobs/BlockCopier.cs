@@ -41,11 +41,13 @@ internal sealed class CopyFailedException(bool sourceSide, BlockException inner)
 /// <param name="Compress">Data is written compressed where the target can.</param>
 /// <param name="ZeroFrom">From this offset on the target already reads zeros wherever it is not written (a new target
 /// past the end of its backing image): zeros there are not written at all, so a grown disk costs nothing.</param>
+/// <param name="Digests">The manifest that gets the digest of every cluster copied, or null.</param>
 internal sealed record CopyPolicy(
     bool SkipUnallocated,
     bool ZeroesAsZeroClusters,
     bool Compress,
-    long ZeroFrom = long.MaxValue);
+    long ZeroFrom = long.MaxValue,
+    Digests.DigestManifestWriter? Digests = null);
 
 internal sealed class BlockCopier : IWriteInterceptor
 {
@@ -237,6 +239,8 @@ internal sealed class BlockCopier : IWriteInterceptor
         long data = 0;
         long offset = first << _clusterShift;
         long end = Math.Min((first + count) << _clusterShift, _size);
+        // The copy is the only read of the source: what it copies is hashed on the way (the point-in-time data).
+        Digests.ClusterHasher? hasher = _policy.Digests is { } digests ? new(ClusterSize, _size, digests.Write) : null;
         IReadOnlyList<AllocationExtent> extents;
         try
         {
@@ -251,12 +255,14 @@ internal sealed class BlockCopier : IWriteInterceptor
             switch (extent.State)
             {
                 case AllocationState.Unallocated when _policy.SkipUnallocated:
+                    hasher?.Zeros(extent.Offset, extent.Length);
                     break;
                 case AllocationState.Zero:
                     WriteZeroes(extent.Offset, extent.Length);
+                    hasher?.Zeros(extent.Offset, extent.Length);
                     break;
                 default:
-                    CopyData(extent.Offset, extent.Length);
+                    CopyData(extent.Offset, extent.Length, hasher);
                     data += extent.Length;
                     break;
             }
@@ -264,7 +270,7 @@ internal sealed class BlockCopier : IWriteInterceptor
         return data;
     }
 
-    private void CopyData(long offset, long length)
+    private void CopyData(long offset, long length, Digests.ClusterHasher? hasher)
     {
         // Whole job clusters per write (up to 2 MiB), so that a compressing target sees whole clusters.
         int chunk = (int)Math.Min(length, Math.Max(MaxChunk, ClusterSize));
@@ -283,6 +289,7 @@ internal sealed class BlockCopier : IWriteInterceptor
                 {
                     throw new CopyFailedException(sourceSide: true, e);
                 }
+                hasher?.Data(offset + done, data);
                 bool zeros = (_policy.ZeroesAsZeroClusters || offset + done + n > _policy.ZeroFrom) && !data.ContainsAnyExcept((byte)0);
                 if (zeros)
                     WriteZeroes(offset + done, n);

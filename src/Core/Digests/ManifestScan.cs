@@ -1,0 +1,96 @@
+using System.Diagnostics;
+using BitmapBackup.Core.Nodes;
+
+namespace BitmapBackup.Core.Digests;
+
+/*
+ * Compare a disk with a manifest, cluster by cluster, in disk order: a window of clusters at a time, its allocation
+ * first (holes and zero clusters are "zeros" without a read), its data read in large pieces and hashed
+ * (ClusterHasher), its digests read from the manifest, and each cluster whose digest differs reported. Memory is the
+ * read buffer and one window of digests, whatever the disk's size; the disk is read once.
+ */
+
+/// <summary>What a scan did.</summary>
+public sealed record ManifestScanResult(long Clusters, long ClustersDiffering, long BytesRead, TimeSpan Duration)
+{
+    /// <summary>Data read per second (holes are not read).</summary>
+    public double BytesPerSecond => Duration.TotalSeconds > 0 ? BytesRead / Duration.TotalSeconds : 0;
+}
+
+/// <summary>A disk as a scan reads it: its allocation and its bytes.</summary>
+public sealed record ScanSource(long Size, Func<long, long, IEnumerable<AllocationExtent>> Allocation, ReadSpan Read);
+
+/// <summary>Reads bytes of a disk at an offset.</summary>
+public delegate void ReadSpan(long offset, Span<byte> buffer);
+
+public static class ManifestScan
+{
+    private const int ReadChunk = 4 << 20;
+
+    /// <summary>The node as it reads now: allocation through its backing chain.</summary>
+    public static ScanSource Of(BlockNode node) => new(node.Size, (o, l) => node.GetChainAllocation(o, l), node.Read);
+
+    /// <summary>An image (a backup chain's top, say) with its chain.</summary>
+    public static ScanSource Of(IBlockImage image) => new(image.Size, (o, l) => ChainAllocation.Of(image, o, l), image.Read);
+
+    /// <summary>
+    /// Hash every cluster of <paramref name="source"/> and compare it with <paramref name="manifest"/>;
+    /// <paramref name="differs"/> gets each cluster that differs. <paramref name="progress"/> gets the bytes scanned.
+    /// </summary>
+    public static ManifestScanResult Compare(ScanSource source, DigestManifest manifest, Action<long> differs,
+        Action<long>? progress = null, CancellationToken cancel = default)
+    {
+        var clock = Stopwatch.StartNew();
+        long clusterSize = manifest.Info.ClusterSize;
+        long size = source.Size;
+        long clusters = manifest.Info.ClusterCount;
+        const int window = 1024;
+        var expected = new UInt128[window];
+        var actual = new UInt128[window];
+        long windowStart = 0;
+        long differing = 0, bytesRead = 0;
+        var hasher = new ClusterHasher(clusterSize, size, (cluster, digest) => actual[cluster - windowStart] = digest);
+        byte[] buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(ReadChunk);
+        try
+        {
+            for (; windowStart < clusters; windowStart += window)
+            {
+                cancel.ThrowIfCancellationRequested();
+                int count = (int)Math.Min(window, clusters - windowStart);
+                long start = windowStart * clusterSize;
+                long end = Math.Min((windowStart + count) * clusterSize, size);
+                foreach (AllocationExtent e in source.Allocation(start, end - start))
+                {
+                    if (e.State != AllocationState.Data)
+                    {
+                        hasher.Zeros(e.Offset, e.Length);
+                        continue;
+                    }
+                    for (long pos = e.Offset; pos < e.End;)
+                    {
+                        Span<byte> chunk = buffer.AsSpan(0, (int)Math.Min(ReadChunk, e.End - pos));
+                        source.Read(pos, chunk);
+                        hasher.Data(pos, chunk);
+                        bytesRead += chunk.Length;
+                        pos += chunk.Length;
+                    }
+                }
+                manifest.ReadDigests(windowStart, expected.AsSpan(0, count));
+                for (int i = 0; i < count; i++)
+                {
+                    if (actual[i] != expected[i])
+                    {
+                        differing++;
+                        differs(windowStart + i);
+                    }
+                }
+                progress?.Invoke(end);
+            }
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<byte>.Shared.Return(buffer);
+        }
+        return new ManifestScanResult(clusters, differing, bytesRead, clock.Elapsed);
+    }
+}
