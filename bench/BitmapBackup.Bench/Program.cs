@@ -6,6 +6,8 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["bitmap"] = BitmapBench.Run,
     ["qcow2"] = Qcow2Bench.Run,
     ["backup"] = BackupBench.Run,
+    ["digest"] = DigestBench.Run,
+    ["cache"] = CacheBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;

@@ -4,10 +4,11 @@ using BitmapBackup.Core.Nodes;
 namespace BitmapBackup.Core.Digests;
 
 /*
- * Compare a disk with a manifest, cluster by cluster, in disk order: a window of clusters at a time, its allocation
- * first (holes and zero clusters are "zeros" without a read), its data read in large pieces and hashed
- * (ClusterHasher), its digests read from the manifest, and each cluster whose digest differs reported. Memory is the
- * read buffer and one window of digests, whatever the disk's size; the disk is read once.
+ * Compare a disk with a manifest, cluster by cluster, in disk order: a window of clusters at a time (split among the
+ * cores), its allocation first (holes and zero clusters are "zeros" without a read), its data read in large pieces and
+ * hashed (ClusterHasher), its digests read from the manifest, and each cluster whose digest differs reported. Memory
+ * is one read buffer per core and one window of digests (256 MiB of disk: 64 KiB of digests), whatever the disk's
+ * size; the disk is read once.
  */
 
 /// <summary>What a scan did.</summary>
@@ -35,7 +36,9 @@ public static class ManifestScan
 
     /// <summary>
     /// Hash every cluster of <paramref name="source"/> and compare it with <paramref name="manifest"/>;
-    /// <paramref name="differs"/> gets each cluster that differs. <paramref name="progress"/> gets the bytes scanned.
+    /// <paramref name="differs"/> gets each cluster that differs, in order. <paramref name="progress"/> gets the bytes
+    /// scanned. Each window of clusters is split among the cores (reading and hashing overlap that way, so the scan
+    /// runs at about the speed of a plain read).
     /// </summary>
     public static ManifestScanResult Compare(ScanSource source, DigestManifest manifest, Action<long> differs,
         Action<long>? progress = null, CancellationToken cancel = default)
@@ -44,37 +47,29 @@ public static class ManifestScan
         long clusterSize = manifest.Info.ClusterSize;
         long size = source.Size;
         long clusters = manifest.Info.ClusterCount;
-        const int window = 1024;
+        int window = (int)Math.Max(64, (256L << 20) / clusterSize); // 256 MiB of disk
+        int parts = Math.Clamp(Environment.ProcessorCount, 1, 4);
         var expected = new UInt128[window];
         var actual = new UInt128[window];
-        long windowStart = 0;
         long differing = 0, bytesRead = 0;
-        var hasher = new ClusterHasher(clusterSize, size, (cluster, digest) => actual[cluster - windowStart] = digest);
-        byte[] buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(ReadChunk);
+        byte[][] buffers = Enumerable.Range(0, parts).Select(_ => System.Buffers.ArrayPool<byte>.Shared.Rent(ReadChunk)).ToArray();
         try
         {
-            for (; windowStart < clusters; windowStart += window)
+            for (long windowStart = 0; windowStart < clusters; windowStart += window)
             {
                 cancel.ThrowIfCancellationRequested();
                 int count = (int)Math.Min(window, clusters - windowStart);
-                long start = windowStart * clusterSize;
-                long end = Math.Min((windowStart + count) * clusterSize, size);
-                foreach (AllocationExtent e in source.Allocation(start, end - start))
+                int per = (count + parts - 1) / parts;
+                long first = windowStart;
+                Parallel.For(0, parts, new ParallelOptions { MaxDegreeOfParallelism = parts, CancellationToken = cancel }, part =>
                 {
-                    if (e.State != AllocationState.Data)
-                    {
-                        hasher.Zeros(e.Offset, e.Length);
-                        continue;
-                    }
-                    for (long pos = e.Offset; pos < e.End;)
-                    {
-                        Span<byte> chunk = buffer.AsSpan(0, (int)Math.Min(ReadChunk, e.End - pos));
-                        source.Read(pos, chunk);
-                        hasher.Data(pos, chunk);
-                        bytesRead += chunk.Length;
-                        pos += chunk.Length;
-                    }
-                }
+                    long from = first + ((long)part * per);
+                    long to = Math.Min(first + count, from + per);
+                    if (from >= to)
+                        return;
+                    long read = HashRange(source, clusterSize, from, to, actual.AsSpan((int)(from - first)), buffers[part]);
+                    Interlocked.Add(ref bytesRead, read);
+                });
                 manifest.ReadDigests(windowStart, expected.AsSpan(0, count));
                 for (int i = 0; i < count; i++)
                 {
@@ -84,13 +79,48 @@ public static class ManifestScan
                         differs(windowStart + i);
                     }
                 }
-                progress?.Invoke(end);
+                progress?.Invoke(Math.Min((windowStart + count) * clusterSize, size));
             }
+        }
+        catch (AggregateException e) when (e.InnerExceptions.Count == 1)
+        {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e.InnerExceptions[0]);
+            throw;
         }
         finally
         {
-            System.Buffers.ArrayPool<byte>.Shared.Return(buffer);
+            foreach (byte[] b in buffers)
+                System.Buffers.ArrayPool<byte>.Shared.Return(b);
         }
         return new ManifestScanResult(clusters, differing, bytesRead, clock.Elapsed);
+    }
+
+    /// <summary>Digests of clusters [from, to) into <paramref name="digests"/>; returns the bytes read (holes are not).</summary>
+    private static long HashRange(ScanSource source, long clusterSize, long from, long to, Span<UInt128> digests, byte[] buffer)
+    {
+        long size = source.Size;
+        long start = from * clusterSize;
+        long end = Math.Min(to * clusterSize, size);
+        UInt128[] results = new UInt128[to - from];
+        var hasher = new ClusterHasher(clusterSize, size, (cluster, digest) => results[cluster - from] = digest);
+        long bytesRead = 0;
+        foreach (AllocationExtent e in source.Allocation(start, end - start))
+        {
+            if (e.State != AllocationState.Data)
+            {
+                hasher.Zeros(e.Offset, e.Length);
+                continue;
+            }
+            for (long pos = e.Offset; pos < e.End;)
+            {
+                Span<byte> chunk = buffer.AsSpan(0, (int)Math.Min(ReadChunk, e.End - pos));
+                source.Read(pos, chunk);
+                hasher.Data(pos, chunk);
+                bytesRead += chunk.Length;
+                pos += chunk.Length;
+            }
+        }
+        results.CopyTo(digests);
+        return bytesRead;
     }
 }
