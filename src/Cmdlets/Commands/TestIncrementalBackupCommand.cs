@@ -107,7 +107,7 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
         {
             BlockNode node = Engine.Get(Node);
             reference = node.Name;
-            difference = BackupChain.FirstDifference(top.Size, top.Read, node.Size, (o, b) => node.Read(o, b), n => compared = n);
+            difference = BackupChain.FirstDifference(ManifestScan.Of(top), ManifestScan.Of(node), n => compared = n);
         }
         else
         {
@@ -116,12 +116,12 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
             string full = System.IO.Path.GetFullPath(referencePath);
             if (Engine.Nodes.FirstOrDefault(n => n.Path == full) is { } open)
             {
-                difference = BackupChain.FirstDifference(top.Size, top.Read, open.Size, (o, b) => open.Read(o, b), n => compared = n);
+                difference = BackupChain.FirstDifference(ManifestScan.Of(top), ManifestScan.Of(open), n => compared = n);
             }
             else
             {
                 using IBlockImage other = BlockEngine.OpenImage(full, readOnly: true, ForceShare);
-                difference = BackupChain.FirstDifference(top.Size, top.Read, other.Size, other.Read, n => compared = n);
+                difference = BackupChain.FirstDifference(ManifestScan.Of(top), ManifestScan.Of(other), n => compared = n);
             }
         }
         if (difference is { } at)

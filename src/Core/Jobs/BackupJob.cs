@@ -245,12 +245,19 @@ public sealed class BackupJob
     }
 
     /// <summary>
-    /// Where a new target on a backing image reads zeros wherever nothing is written: past the end of that image (so
-    /// the range a grown disk added costs nothing when it reads as zeros). Elsewhere zeros are written as they are: a
-    /// target without a backing file may be put on one later (-Sync Top), and an existing target may hold anything.
+    /// From where a new target reads zeros wherever nothing is written, so that zeros there need no copy at all: past
+    /// the end of its backing image (the range a grown disk added costs nothing), or everywhere for a full backup into
+    /// a target without one (a 1 TiB disk holding 7 MiB costs what 7 MiB cost). Elsewhere zeros are written as they
+    /// are: a -Sync Top target without a backing file is put on one later, and an existing target may hold anything.
     /// </summary>
     private long TargetReadsZerosFrom()
-        => _target.Created && _target.Image is Formats.Qcow2.Qcow2Image { BackingImage: { } backing } ? backing.Size : long.MaxValue;
+    {
+        if (!_target.Created)
+            return long.MaxValue;
+        if (_target.Image is Formats.Qcow2.Qcow2Image { BackingImage: { } backing })
+            return backing.Size;
+        return _spec.Sync == BackupSyncMode.Full ? 0 : long.MaxValue;
+    }
 
     private void ResetWholeClusters(HierarchicalBitmap toCopy, AllocationExtent e)
     {
@@ -305,7 +312,7 @@ public sealed class BackupJob
         if (!_frozen)
             throw new InvalidOperationException("Freeze the job before running it.");
         SetStatus(BlockJobStatus.Running);
-        _ = Task.Factory.StartNew(Control, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        _ = Task.Run(Control); // thread-pool threads: a small job pays no thread start-up
     }
 
     /// <summary>Pause copying (QEMU's job-pause). Copy-before-write goes on, so the point in time holds.</summary>
@@ -402,8 +409,7 @@ public sealed class BackupJob
             if (_spec.Sync == BackupSyncMode.None)
                 _finalizeRequested.Task.Wait(_cancel.Token);
             else
-                Task.WaitAll(Enumerable.Range(0, Math.Max(1, _spec.Request.Workers))
-                    .Select(_ => Task.Factory.StartNew(Work, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray());
+                RunWorkers();
         }
         catch (OperationCanceledException)
         {
@@ -444,6 +450,36 @@ public sealed class BackupJob
         }
         if (failure is not null)
             AbortWith(failure);
+    }
+
+    /// <summary>
+    /// Copy with as many workers as there are chunks to share (at most -Workers): this controller is the first, the
+    /// others run on the thread pool. A job with one chunk to copy starts no other thread.
+    /// </summary>
+    private void RunWorkers()
+    {
+        long chunks = (BytesTotal + BlockCopier.MaxChunk - 1) / BlockCopier.MaxChunk;
+        int workers = (int)Math.Clamp(chunks, 1, Math.Max(1, _spec.Request.Workers));
+        Task[] others = Enumerable.Range(1, workers - 1).Select(_ => Task.Run(Work)).ToArray();
+        Exception? mine = null;
+        try
+        {
+            Work();
+        }
+        catch (Exception e)
+        {
+            mine = e;
+        }
+        try
+        {
+            Task.WaitAll(others);
+        }
+        catch (AggregateException e) when (mine is not null)
+        {
+            throw new AggregateException(e.InnerExceptions.Prepend(mine));
+        }
+        if (mine is not null)
+            throw new AggregateException(mine);
     }
 
     private BlockException Cancelled()

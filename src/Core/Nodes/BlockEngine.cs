@@ -37,7 +37,8 @@ public sealed class BlockEngine
     /// (relative names are relative to the new image's folder, as in qemu-img). A size of 0 with a backing file
     /// takes the backing image's size.
     /// </summary>
-    public static void CreateImage(string path, long size, ImageFormat format = ImageFormat.Raw, int? clusterSize = null, string? backingFile = null)
+    /// <param name="durable">Sync the new image before returning; false for a backup's scratch '.partial' file.</param>
+    public static void CreateImage(string path, long size, ImageFormat format = ImageFormat.Raw, int? clusterSize = null, string? backingFile = null, bool durable = true)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (format == ImageFormat.Raw)
@@ -62,7 +63,7 @@ public sealed class BlockEngine
             }
         }
         CheckImageSize(size, fullPath);
-        Qcow2Image.Create(fullPath, size, clusterSize ?? Qcow2Image.DefaultClusterSize, backingFile);
+        Qcow2Image.Create(fullPath, size, clusterSize ?? Qcow2Image.DefaultClusterSize, backingFile, durable: durable);
     }
 
     /// <summary>Sizes are positive multiples of 512 bytes, as qemu-img rounds them.</summary>

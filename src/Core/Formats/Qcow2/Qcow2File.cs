@@ -61,6 +61,7 @@ internal sealed class Qcow2File : IDisposable
         if (data.IsEmpty)
             return;
         Observer?.Invoke(offset, data.ToArray());
+        _unsynced = true;
         Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileWrite, offset, data.Length);
         try
         {
@@ -79,6 +80,7 @@ internal sealed class Qcow2File : IDisposable
     {
         if (length <= Length)
             return;
+        _unsynced = true;
         Get(() =>
         {
             RandomAccess.SetLength(_handle, length);
@@ -87,9 +89,30 @@ internal sealed class Qcow2File : IDisposable
         Length = length;
     }
 
-    /// <summary>fdatasync: everything written so far is durable when this returns.</summary>
+    /// <summary>Written since the last sync that succeeded.</summary>
+    private bool _unsynced;
+
+    /// <summary>
+    /// A scratch image (a backup's '.partial' file, discarded after a crash): ordering barriers (<see cref="Sync"/>) are
+    /// skipped, and only <see cref="SyncNow"/> (the commit) syncs. Saves the fsyncs of every metadata stage.
+    /// </summary>
+    public bool DeferOrdering { get; set; }
+
+    /// <summary>
+    /// An ordering barrier: everything written so far is durable before anything written after (fdatasync). Nothing to
+    /// do when nothing was written since the last sync, or for a scratch image (<see cref="DeferOrdering"/>).
+    /// </summary>
     public void Sync()
     {
+        if (!DeferOrdering)
+            SyncNow();
+    }
+
+    /// <summary>A durability point (fdatasync): everything written so far is durable when this returns.</summary>
+    public void SyncNow()
+    {
+        if (!_unsynced)
+            return;
         Observer?.Invoke(-1, null);
         Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileSync, 0, 1);
         Get(() =>
@@ -97,6 +120,7 @@ internal sealed class Qcow2File : IDisposable
             IO.LinuxFile.DataSync(_handle);
             return 0;
         }, "flush");
+        _unsynced = false;
     }
 
     public void Dispose() => _handle.Dispose();

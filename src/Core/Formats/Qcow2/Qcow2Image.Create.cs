@@ -26,7 +26,9 @@ public sealed partial class Qcow2Image
     /// InvalidImageSize (not a positive multiple of 512, or too large for the cluster size), InvalidClusterSize,
     /// BackingFileNameTooLong, ImageAlreadyExists, ImageNotFound (folder missing), ImageIOFailed.
     /// </exception>
-    public static void Create(string path, long size, int clusterSize = DefaultClusterSize, string? backingFile = null, ImageFormat? backingFormat = null)
+    /// <param name="durable">Sync the new image before returning; false for scratch images (a backup's '.partial' file,
+    /// synced once at its commit).</param>
+    public static void Create(string path, long size, int clusterSize = DefaultClusterSize, string? backingFile = null, ImageFormat? backingFormat = null, bool durable = true)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (size <= 0 || size % 512 != 0)
@@ -117,7 +119,8 @@ public sealed partial class Qcow2Image
         {
             file.Write(0, metadata);
             file.Extend(totalClusters << cb); // the L1 table: zeros
-            file.Sync();
+            if (durable)
+                file.SyncNow();
             done = true;
         }
         finally

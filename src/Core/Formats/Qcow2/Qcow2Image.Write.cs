@@ -36,8 +36,18 @@ public sealed partial class Qcow2Image
             if (_allocator is null)
                 return;
             FlushMetadata();
-            _file.Sync();
+            _file.SyncNow();
         }
+    }
+
+    /// <summary>
+    /// Treat this image as scratch until <see cref="Flush"/>: a backup's '.partial' file, discarded after a crash,
+    /// needs no crash order between its metadata stages, only one sync at its commit.
+    /// </summary>
+    public void DeferOrderingUntilFlush()
+    {
+        lock (_sync)
+            _file.DeferOrdering = true;
     }
 
     private void WriteCore(long offset, ReadOnlySpan<byte> data)
@@ -100,6 +110,11 @@ public sealed partial class Qcow2Image
         long clusterStart = gc << _clusterBits;
         int visible = (int)Math.Min(_clusterSize, Size - clusterStart); // bytes of the cluster inside the disk
         bool whole = inCluster == 0 && data.Length == _clusterSize;
+        if (!whole && ReadsAsZerosWhole(gc, kind))
+        {
+            WriteIntoZeroCluster(gc, inCluster, data, entry, kind, l2Index);
+            return;
+        }
         byte[]? buffer = whole ? null : ArrayPool<byte>.Shared.Rent(_clusterSize);
         try
         {
@@ -134,6 +149,38 @@ public sealed partial class Qcow2Image
             if (buffer is not null)
                 ArrayPool<byte>.Shared.Return(buffer);
         }
+    }
+
+    /// <summary>Whether the whole guest cluster reads as zeros now (a zero cluster, or unallocated with nothing below it).</summary>
+    private bool ReadsAsZerosWhole(long gc, Qcow2ClusterKind kind)
+        => kind == Qcow2ClusterKind.Zero
+           || (kind == Qcow2ClusterKind.Unallocated && (_backing is null || (gc << _clusterBits) >= _backing.Size));
+
+    /// <summary>
+    /// A partial write into a cluster that reads as zeros (QEMU's handle_alloc_space): only the bytes given are written.
+    /// A new host cluster past the end of the file reads as zeros around them already (a hole); one reused inside the
+    /// file gets its head and tail zeroed first. Random 4 KiB writes into an empty image so write 4 KiB, not 64.
+    /// </summary>
+    private void WriteIntoZeroCluster(long gc, int inCluster, ReadOnlySpan<byte> data, Qcow2L2Entry entry, Qcow2ClusterKind kind, int l2Index)
+    {
+        long l2Offset = EnsureL2(gc >> _l2Bits);
+        long host = _allocator!.AllocateCluster();
+        try
+        {
+            if (host < _file.Length)
+            {
+                _file.Write(host, Zeros().AsSpan(0, inCluster));
+                _file.Write(host + inCluster + data.Length, Zeros().AsSpan(0, _clusterSize - inCluster - data.Length));
+            }
+            _file.Write(host + inCluster, data);
+        }
+        catch
+        {
+            _allocator.ReleaseUnreferenced(host, _clusterSize);
+            throw;
+        }
+        SetL2Entry(l2Offset, l2Index, Qcow2L2Entry.ForData(host));
+        FreeEntry(entry, kind);
     }
 
     /// <summary>Whether the L2 table of L1 entry <paramref name="l1Index"/> may be written in place (it exists and only this image uses it).</summary>

@@ -384,7 +384,7 @@ public sealed partial class Qcow2Image : IBlockImage
                 if (_allocator is not null)
                 {
                     FlushMetadata();
-                    _file.Sync();
+                    _file.SyncNow();
                 }
             }
             catch (BlockException)
