@@ -90,6 +90,7 @@ public static class BackupBench
         }
 
         MemoryScaling(output, tools, qemu, dir, summary);
+        HugeSparse(output, tools, qemu, dir, summary);
         output.WriteLine("   -- summary");
         foreach (string line in summary)
             output.WriteLine(line);
@@ -444,6 +445,121 @@ public static class BackupBench
     }
 
     // ---- Printing. ----
+
+    /// <summary>Only the 1 TiB sparse scenario (it is also part of the whole suite).</summary>
+    public static void RunHuge(TextWriter output)
+    {
+        ArgumentNullException.ThrowIfNull(output);
+        var tools = new QemuTools();
+        bool qemu = tools.Img is not null && tools.Io is not null && tools.StorageDaemon is not null;
+        using var dir = new TempFolder("huge");
+        output.WriteLine("== huge: a 1 TiB sparse qcow2, ours vs QEMU's backup job ==");
+        output.WriteLine("   {0}", Describe());
+        HugeSparse(output, tools, qemu, dir, []);
+    }
+
+    /// <summary>
+    /// A disk as users have them: a 1 TiB qcow2 holding 7 MiB. Full backup (cost must follow the data, not the size),
+    /// then 10 MiB written and an incremental, ours and QEMU's job in the same run; qemu-img convert as the floor.
+    /// </summary>
+    private static void HugeSparse(TextWriter output, QemuTools tools, bool qemu, TempFolder dir, List<string> summary)
+    {
+        const long Huge = 1L << 40;
+        int runs = Math.Max(3, Runs);
+        output.WriteLine("   -- a 1 TiB qcow2 holding 7 MiB: full backup, then 10 MiB written and an incremental; median of {0} runs", runs);
+        string src = dir.File("h-src.qcow2");
+        var random = new Random(Seed + 11);
+        long[] data = Enumerable.Range(0, 7).Select(_ => random.NextInt64(Huge / MiB) * MiB).ToArray();
+        long[][] writes = Enumerable.Range(0, runs).Select(_ => Enumerable.Range(0, 10).Select(_ => random.NextInt64(Huge / MiB) * MiB).ToArray()).ToArray();
+        var oursFull = new List<double>();
+        var oursInc = new List<double>();
+        var oursPeak = new List<long>();
+        var qemuFull = new List<double>();
+        var qemuInc = new List<double>();
+        var convert = new List<double>();
+        for (int run = 0; run < runs; run++)
+        {
+            MakeHuge(tools, src, Huge, data);
+            var engine = new BlockEngine();
+            try
+            {
+                BlockNode node = engine.Open(src, "hsrc");
+                node.AddBitmap("bm0", ClusterBytes);
+                StepResult full = OursJob(node, new BackupRequest
+                {
+                    Source = node, Target = dir.File("h-o-full.qcow2"), Sync = BackupSyncMode.Full, BitmapName = "bm0", BitmapMode = BitmapSyncMode.OnSuccess,
+                }, 0);
+                var chunk = new byte[MiB];
+                foreach (long offset in writes[run])
+                {
+                    new Random((int)(offset >> 20)).NextBytes(chunk);
+                    node.Write(offset, chunk);
+                }
+                StepResult inc = OursJob(node, new BackupRequest
+                {
+                    Source = node, Target = dir.File("h-o-inc.qcow2"), Sync = BackupSyncMode.Incremental, BitmapName = "bm0", BitmapMode = BitmapSyncMode.OnSuccess, BackingFile = "h-o-full.qcow2",
+                }, 10 * MiB);
+                oursFull.Add(full.Total);
+                oursInc.Add(inc.Total);
+                oursPeak.Add(Math.Max(full.PeakBytes, inc.PeakBytes));
+                if (run == 0 && tools.Img is { } img && !VerifyOurs(tools, node, "qcow2", dir.File("h-o-inc.qcow2")))
+                    throw new InvalidOperationException("our 1 TiB chain does not equal its source");
+            }
+            finally
+            {
+                engine.CloseAll();
+                DeleteIfExists(dir.File("h-o-full.qcow2"));
+                DeleteIfExists(dir.File("h-o-inc.qcow2"));
+                DeleteIfExists(dir.File("h-o-full.qcow2") + Core.Digests.DigestManifest.Suffix);
+                DeleteIfExists(dir.File("h-o-inc.qcow2") + Core.Digests.DigestManifest.Suffix);
+            }
+            if (qemu)
+            {
+                MakeHuge(tools, src, Huge, data);
+                using (var daemon = new Daemon(tools.StorageDaemon!, dir, src, "qcow2"))
+                {
+                    RunChecked(tools.Img!, ["create", "-q", "-f", "qcow2", dir.File("h-q-full.qcow2"), Huge.ToString(Inv)]);
+                    qemuFull.Add(QemuJob(daemon, dir.File("h-q-full.qcow2"), "htgt0", "hjob0", full: true).Total);
+                    string script = dir.File("h-writes.qemu-io");
+                    File.WriteAllText(script, string.Concat(writes[run].Select(o => string.Create(Inv, $"write -q -P 0x5a {o} {MiB}\n"))));
+                    RunChecked(tools.Io!, ["-t", "writeback", "-f", "raw", daemon.NbdUri], stdinFile: script, discardStdOut: true);
+                    RunChecked(tools.Img!, ["create", "-q", "-f", "qcow2", "-b", "h-q-full.qcow2", "-F", "qcow2", "h-q-inc.qcow2"], workingDirectory: dir.Path);
+                    qemuInc.Add(QemuJob(daemon, dir.File("h-q-inc.qcow2"), "htgt1", "hjob1", full: false).Total);
+                }
+                DeleteIfExists(dir.File("h-q-full.qcow2"));
+                DeleteIfExists(dir.File("h-q-inc.qcow2"));
+                MakeHuge(tools, src, Huge, data);
+                convert.Add(RunChecked(tools.Img!, ["convert", "-f", "qcow2", "-O", "qcow2", src, dir.File("h-convert.qcow2")]).Seconds);
+                DeleteIfExists(dir.File("h-convert.qcow2"));
+            }
+        }
+        DeleteIfExists(src);
+        double fullMedian = Median(oursFull), incMedian = Median(oursInc);
+        output.WriteLine("   {0,-44} ours {1} s ({2}) | QEMU job {3} s ({4}) | qemu-img convert {5} s", "full backup, 1 TiB / 7 MiB",
+            F(fullMedian), Range(oursFull), F(Median(qemuFull)), Range(qemuFull), F(Median(convert)));
+        output.WriteLine("   {0,-44} ours {1} s ({2}) | QEMU job {3} s ({4}) | ratio {5}", "incremental of 10 MiB on it",
+            F(incMedian), Range(oursInc), F(Median(qemuInc)), Range(qemuInc), qemuInc.Count > 0 ? F(PairedRatio(oursInc, qemuInc), "F2") : "n/a");
+        long peak = oursPeak.Max();
+        string line = string.Format(Inv, "   {0,-44} full {1} s (goal <= 1 s) {2}; incremental {3}x QEMU (goal <= 0.6) {4}; peak +{5} MiB (goal < 32) {6}",
+            "1 TiB sparse", F(fullMedian), Verdict(fullMedian <= 1.0), qemuInc.Count > 0 ? F(PairedRatio(oursInc, qemuInc), "F2") : "n/a",
+            qemuInc.Count > 0 ? Verdict(PairedRatio(oursInc, qemuInc) <= 0.6) : "", Mib(peak), Verdict(peak < 32 * MiB));
+        output.WriteLine(line);
+        summary.Add(line);
+    }
+
+    private static void MakeHuge(QemuTools tools, string path, long size, long[] data)
+    {
+        DeleteIfExists(path);
+        Qcow2Image.Create(path, size);
+        using var image = Qcow2Image.Open(path, readOnly: false);
+        var chunk = new byte[MiB];
+        foreach (long offset in data)
+        {
+            new Random((int)(offset >> 20)).NextBytes(chunk);
+            image.Write(offset, chunk);
+        }
+        image.Flush();
+    }
 
     private static double Med(List<StepResult[]> runs, int step, Func<StepResult, double> field) => Median(runs.Select(r => field(r[step])).ToArray());
 

@@ -113,6 +113,39 @@ public sealed class DigestManifest : IDisposable
         }
     }
 
+    /// <summary>
+    /// Copy the digests of the first <paramref name="clusters"/> clusters (the file's bytes, as they are) into another
+    /// manifest file at the same offsets, skipping what is a hole in this one (zeros there already).
+    /// </summary>
+    internal void CopyDigestsTo(SafeFileHandle target, long clusters)
+    {
+        long end = HeaderSize + (Math.Min(clusters, Info.ClusterCount) * DigestSize);
+        byte[] buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(1 << 20);
+        try
+        {
+            for (long pos = HeaderSize; pos < end;)
+            {
+                if (!IO.LinuxFile.TryFindData(_handle, pos, end, out long dataStart, out long dataEnd))
+                    (dataStart, dataEnd) = (pos, end); // no hole information: copy everything
+                if (dataStart >= end)
+                    break;
+                for (long p = dataStart; p < dataEnd;)
+                {
+                    int n = Read(_handle, Path, buffer.AsSpan(0, (int)Math.Min(buffer.Length, dataEnd - p)), p);
+                    if (n == 0)
+                        Corrupt(Path, "it ends inside its digests");
+                    RandomAccess.Write(target, buffer.AsSpan(0, n), p);
+                    p += n;
+                }
+                pos = Math.Max(dataEnd, pos + 1);
+            }
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<byte>.Shared.Return(buffer);
+        }
+    }
+
     public void Dispose() => _handle.Dispose();
 
     #region Header

@@ -11,8 +11,9 @@ namespace BitmapBackup.Core.Digests;
  * never describes a backup that does not exist.
  *
  * A full backup starts from a sparse file (every digest 0: "reads as zeros") and writes the digest of each cluster
- * it copies; an incremental starts from a copy of the previous backup's manifest (made by the kernel: 16 bytes per
- * 64 KiB cluster, 256 MiB for a 1 TiB disk) and rewrites the clusters it copies.
+ * it copies; an incremental starts from a copy of the previous backup's manifest and rewrites the clusters it copies.
+ * The copy skips the holes of the previous manifest (clusters that read as zeros were never written), so a 1 TiB disk
+ * holding a few MiB costs a few KiB of digests, not 256 MiB.
  * Either way the source is read once, by the copy itself.
  */
 
@@ -49,9 +50,7 @@ public sealed class DigestManifestWriter : IDisposable
         SafeFileHandle handle;
         try
         {
-            if (previous is not null)
-                File.Copy(previous.Path, temp, overwrite: true); // the kernel copies (copy_file_range): no digest passes through here
-            handle = File.OpenHandle(temp, previous is null ? FileMode.Create : FileMode.Open, FileAccess.ReadWrite, FileShare.None);
+            handle = File.OpenHandle(temp, FileMode.Create, FileAccess.ReadWrite, FileShare.None);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -62,8 +61,10 @@ public sealed class DigestManifestWriter : IDisposable
         {
             writer.Io(() =>
             {
-                RandomAccess.Write(handle, DigestManifest.FormatHeader(info), 0);
                 RandomAccess.SetLength(handle, DigestManifest.HeaderSize + (info.ClusterCount * DigestManifest.DigestSize)); // a grown disk's new clusters: zeros
+                if (previous is not null)
+                    previous.CopyDigestsTo(handle, info.ClusterCount);
+                RandomAccess.Write(handle, DigestManifest.FormatHeader(info), 0);
             });
             return writer;
         }

@@ -24,14 +24,17 @@ internal static class Qcow2CompressedCluster
     /// <paramref name="limit"/> bytes (the caller then stores the cluster uncompressed, as QEMU does when the
     /// compressed data would not be smaller than a cluster).
     ///
-    /// <para>System.IO.Compression deflates with a 32 KiB window and cannot be told otherwise, while QEMU inflates
-    /// with a 4 KiB one. So the cluster is deflated in 4 KiB pieces, each by a fresh deflater that ends with a sync
+    /// <para>With .NET's native zlib (<see cref="Qcow2NativeDeflate"/>) the cluster is one stream deflated exactly as
+    /// QEMU deflates it. Otherwise: System.IO.Compression deflates with a 32 KiB window and cannot be told otherwise,
+    /// while QEMU inflates with a 4 KiB one. So the cluster is deflated in 4 KiB pieces, each by a fresh deflater that ends with a sync
     /// flush (an empty stored block, byte aligned) and the last one with the final block: concatenated they are one
     /// valid deflate stream whose back-references never leave their piece, i.e. never reach back 4 KiB. The cost is a
     /// block header per piece and no matches across pieces (a 4 KiB cluster is a single piece: no cost).</para>
     /// </summary>
     public static int Compress(ReadOnlySpan<byte> cluster, byte[] output, int limit)
     {
+        if (Qcow2NativeDeflate.Available)
+            return Qcow2NativeDeflate.Compress(cluster, output, limit); // one stream, QEMU's window: qemu-img's sizes
         var sink = new FixedSink(output, Math.Min(limit, output.Length));
         for (int pos = 0; pos < cluster.Length; pos += QemuWindowBytes)
         {
