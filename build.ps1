@@ -79,7 +79,7 @@ function Task-Build {
     if (Test-Path $ModuleDir) { Remove-Item $ModuleDir -Recurse -Force }
     $null = New-Item -ItemType Directory -Path $ModuleDir
     $bin = Join-Path $Root "src/Cmdlets/bin/$Configuration/net10.0"
-    foreach ($f in 'BitmapBackup.Cmdlets.dll', 'BitmapBackup.Cmdlets.pdb', 'BitmapBackup.Core.dll', 'BitmapBackup.Core.pdb', 'System.IO.Hashing.dll') {
+    foreach ($f in 'BitmapBackup.Cmdlets.dll', 'BitmapBackup.Cmdlets.pdb', 'BitmapBackup.Core.dll', 'BitmapBackup.Core.pdb', 'System.IO.Hashing.dll', 'ZstdSharp.dll') {
         Copy-Item (Join-Path $bin $f) $ModuleDir
     }
     Copy-Item (Join-Path $Root 'Module/*') $ModuleDir

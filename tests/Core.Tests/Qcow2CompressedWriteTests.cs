@@ -540,22 +540,41 @@ public sealed class Qcow2CompressedWriteTests
     #region Refusals and the backup path
 
     [Fact]
-    public void ZstdImage_RefusesCompressedWrites()
+    public void Zstd_QemuReadsOurs_AndWeReadQemus()
     {
         QemuImg.Require();
         using var dir = new TempDirectory();
-        string img = dir.File("z.qcow2");
-        QemuResult created = QemuImg.Run("create", "-f", "qcow2", "-o", "compression_type=zstd", img, "1M");
-        Assert.SkipUnless(created.ExitCode == 0, "this qemu-img cannot create zstd images");
-        byte[] before = File.ReadAllBytes(img);
-        var e = Assert.Throws<BlockException>(() =>
+        string raw = dir.File("src.raw");
+        byte[] data = Text(4 * 65536 + 1000, 7);
+        File.WriteAllBytes(raw, data.Concat(new byte[(1 << 20) - data.Length]).ToArray());
+        // ours, read by QEMU
+        string ours = dir.File("ours.qcow2");
+        Qcow2Image.Create(ours, 1 << 20, 65536, compression: Qcow2CompressionType.Zstd);
+        using (var image = Qcow2Image.Open(ours, readOnly: false))
         {
-            using var image = Qcow2Image.Open(img, readOnly: false);
-            image.WriteCompressed(0, Text(65536, 1));
-        });
-        Assert.Equal(ErrorIds.UnsupportedImageFeature, e.ErrorId);
-        Assert.Contains("zstd", e.Message, StringComparison.Ordinal);
-        Assert.Equal(before, File.ReadAllBytes(img));
+            image.WriteCompressed(0, data.AsSpan(0, 4 * 65536));
+            image.Write(4 * 65536, data.AsSpan(4 * 65536));
+            image.Flush();
+        }
+        Assert.Contains("zstd", QemuImg.RunOk("info", ours), StringComparison.Ordinal);
+        QemuImg.AssertClean(ours);
+        Assert.Equal(0, QemuImg.Compare(ours, raw, "qcow2", "raw").ExitCode);
+        Assert.Contains("\"compressed-clusters\": 4", QemuImg.Check(ours).Output, StringComparison.Ordinal);
+        // QEMU's, read (and written) by us
+        string theirs = dir.File("theirs.qcow2");
+        QemuResult made = QemuImg.Run("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "-f", "raw", raw, theirs);
+        Assert.SkipUnless(made.ExitCode == 0, $"this qemu-img cannot write zstd images: {made.Stderr}");
+        using (var image = Qcow2Image.Open(theirs, readOnly: false))
+        {
+            Assert.Equal(Qcow2CompressionType.Zstd, image.CompressionType);
+            var back = new byte[data.Length];
+            image.Read(0, back);
+            Assert.Equal(data, back);
+            image.Write(100, new byte[] { 1, 2, 3 }); // copy-on-write out of a zstd cluster
+            image.Flush();
+        }
+        QemuImg.AssertClean(theirs);
+        QemuImg.IoOk(theirs, "read -P 1 100 1", "read -P 2 101 1", "read -P 3 102 1");
     }
 
     [Fact]

@@ -20,7 +20,6 @@ public sealed class Qcow2FeatureTests
     [InlineData("luks", "encryption")]
     [InlineData("extended_l2", "extended L2")]
     [InlineData("data_file", "external data file")]
-    [InlineData("zstd", "zstd")]
     public void UnsupportedFeature_IsRefusedByName(string feature, string named)
     {
         QemuImg.Require();
@@ -31,11 +30,15 @@ public sealed class Qcow2FeatureTests
             "luks" => ["create", "-f", "qcow2", "--object", "secret,id=sec0,data=x", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M"],
             "extended_l2" => ["create", "-f", "qcow2", "-o", "extended_l2=on", img, "1M"],
             "data_file" => ["create", "-f", "qcow2", "-o", $"data_file={dir.File("data.raw")}", img, "1M"],
-            _ => ["create", "-f", "qcow2", "-o", "compression_type=zstd", img, "1M"],
+            _ => throw new ArgumentOutOfRangeException(nameof(feature)),
         };
         QemuResult made = QemuImg.Run(args);
-        if (feature == "zstd")
-            Assert.SkipWhen(made.ExitCode != 0, $"this qemu-img cannot make zstd images: {made.Stderr}");
+        // LUKS key setup times its PBKDF on the CPU and fails ("Unable to get accurate CPU usage") on a busy machine: retry.
+        for (int attempt = 0; attempt < 5 && made.ExitCode != 0 && made.Stderr.Contains("CPU usage", StringComparison.Ordinal); attempt++)
+        {
+            File.Delete(img);
+            made = QemuImg.Run(args);
+        }
         made.EnsureSuccess();
         foreach (bool readOnly in new[] { true, false })
         {

@@ -70,6 +70,10 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
     [Parameter]
     public SwitchParameter Compress { get; set; }
 
+    /// <summary>The compression of a new qcow2 target: Deflate (default, every QEMU reads it) or Zstd (QEMU 5.1 and later); implies -Compress.</summary>
+    [Parameter]
+    public Core.Formats.Qcow2.Qcow2CompressionType? Compression { get; set; }
+
     /// <summary>When reading the node fails: Report (fail the job), Stop (pause; Resume-Job retries) or Ignore (retry later).</summary>
     [Parameter]
     public JobErrorAction OnSourceError { get; set; } = JobErrorAction.Report;
@@ -115,7 +119,8 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
             TargetFormat = TargetFormat,
             ClusterSize = MyInvocation.BoundParameters.ContainsKey(nameof(ClusterSize)) ? ClusterSize : null,
             BytesPerSecond = BytesPerSecond,
-            Compress = Compress,
+            Compress = Compress || Compression is not null,
+            Compression = Compression ?? Core.Formats.Qcow2.Qcow2CompressionType.Deflate,
             OnSourceError = OnSourceError,
             OnTargetError = OnTargetError,
             AutoFinalize = AutoFinalize,

@@ -134,7 +134,7 @@ public sealed class BackupJob
     /// <summary>Check, create the target and set up a job; nothing on the source changes yet.</summary>
     public static BackupJob Prepare(BackupRequest request, BackupTargetOptions? targetOptions = null)
     {
-        targetOptions ??= BackupTargets.For(request.ClusterSize, request.BackingFile);
+        targetOptions ??= BackupTargets.For(request.ClusterSize, request.BackingFile, request.Compress ? request.Compression : Formats.Qcow2.Qcow2CompressionType.Deflate);
         ValidatedBackup spec = ValidatedBackup.Check(request);
         SyncSource(request.Source);
         BackupRequest r = spec.Request;

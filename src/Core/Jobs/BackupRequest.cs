@@ -33,6 +33,9 @@ public sealed record BackupRequest
 
     public bool Compress { get; init; }
 
+    /// <summary>How a new qcow2 target compresses (with <see cref="Compress"/>): deflate, or zstd (QEMU 5.1 and later read it).</summary>
+    public Formats.Qcow2.Qcow2CompressionType Compression { get; init; } = Formats.Qcow2.Qcow2CompressionType.Deflate;
+
     public JobErrorAction OnSourceError { get; init; } = JobErrorAction.Report;
 
     public JobErrorAction OnTargetError { get; init; } = JobErrorAction.Report;

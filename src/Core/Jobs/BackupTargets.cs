@@ -6,13 +6,13 @@ namespace BitmapBackup.Core.Jobs;
 public static class BackupTargets
 {
     /// <summary>Targets with the given qcow2 cluster size and backing file (the previous backup).</summary>
-    public static BackupTargetOptions For(int? clusterSize, string? backingFile) => new()
+    public static BackupTargetOptions For(int? clusterSize, string? backingFile, Formats.Qcow2.Qcow2CompressionType compression = Formats.Qcow2.Qcow2CompressionType.Deflate) => new()
     {
         // A new target is scratch until its commit (a crashed '.partial' is discarded): created and written without
         // the syncs of each metadata stage, made durable by one sync at the commit (BackupTarget.Commit).
         Create = (path, format, size) =>
         {
-            BlockEngine.CreateImage(path, size, format, format == ImageFormat.Qcow2 ? clusterSize : null, backingFile, durable: false);
+            BlockEngine.CreateImage(path, size, format, format == ImageFormat.Qcow2 ? clusterSize : null, backingFile, durable: false, compression);
         },
         Open = (path, _) =>
         {

@@ -38,7 +38,9 @@ public sealed class BlockEngine
     /// takes the backing image's size.
     /// </summary>
     /// <param name="durable">Sync the new image before returning; false for a backup's scratch '.partial' file.</param>
-    public static void CreateImage(string path, long size, ImageFormat format = ImageFormat.Raw, int? clusterSize = null, string? backingFile = null, bool durable = true)
+    /// <param name="compression">The compression type of a qcow2 image's compressed clusters.</param>
+    public static void CreateImage(string path, long size, ImageFormat format = ImageFormat.Raw, int? clusterSize = null, string? backingFile = null, bool durable = true,
+        Qcow2CompressionType compression = Qcow2CompressionType.Deflate)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (format == ImageFormat.Raw)
@@ -63,7 +65,7 @@ public sealed class BlockEngine
             }
         }
         CheckImageSize(size, fullPath);
-        Qcow2Image.Create(fullPath, size, clusterSize ?? Qcow2Image.DefaultClusterSize, backingFile, durable: durable);
+        Qcow2Image.Create(fullPath, size, clusterSize ?? Qcow2Image.DefaultClusterSize, backingFile, durable: durable, compression: compression);
     }
 
     /// <summary>Sizes are positive multiples of 512 bytes, as qemu-img rounds them.</summary>

@@ -118,7 +118,20 @@ internal static class Qcow2CompressedCluster
         public override void SetLength(long value) => throw new NotSupportedException();
     }
 
-    public static void Decompress(Qcow2File file, Qcow2L2Entry entry, int clusterBits, Span<byte> cluster)
+    /// <summary>
+    /// Zstd-compress a cluster as QEMU's qcow2_zstd_compress does (one frame, zstd's default level 3). Returns the
+    /// compressed length, or -1 when it does not fit in <paramref name="limit"/> bytes.
+    /// </summary>
+    public static int CompressZstd(ReadOnlySpan<byte> cluster, byte[] output, int limit)
+    {
+        ZstdSharp.Compressor compressor = t_zstd ??= new ZstdSharp.Compressor(ZstdSharp.Compressor.DefaultCompressionLevel); // a context per thread: creating one costs more than a cluster
+        return compressor.TryWrap(cluster, output.AsSpan(0, Math.Min(limit, output.Length)), out int written) ? written : -1;
+    }
+
+    [ThreadStatic]
+    private static ZstdSharp.Compressor? t_zstd;
+
+    public static void Decompress(Qcow2File file, Qcow2L2Entry entry, int clusterBits, Span<byte> cluster, Qcow2CompressionType type = Qcow2CompressionType.Deflate)
     {
         (long offset, int length) = entry.GetCompressedRange(clusterBits);
         if (offset >= Qcow2Limits.MaxHostOffset || offset >= file.Length)
@@ -129,8 +142,12 @@ internal static class Qcow2CompressedCluster
         {
             file.Read(offset, source.AsSpan(0, length));
             int done = 0;
+            // The descriptor gives whole sectors, so the data may be followed by anything: read just one cluster out
+            // of a stream (QEMU's qcow2_zstd_decompress streams until the cluster is full for the same reason).
             using (var input = new MemoryStream(source, 0, length, writable: false))
-            using (var inflater = new DeflateStream(input, CompressionMode.Decompress))
+            using (Stream inflater = type == Qcow2CompressionType.Zstd
+                ? new ZstdSharp.DecompressionStream(input, bufferSize: length, checkEndOfStream: false)
+                : new DeflateStream(input, CompressionMode.Decompress))
             {
                 while (done < cluster.Length)
                 {
@@ -143,9 +160,9 @@ internal static class Qcow2CompressedCluster
             if (done < cluster.Length)
                 Qcow2Errors.Corrupt(file.Path, $"the compressed cluster at offset {offset} inflates to {done} bytes instead of {cluster.Length}");
         }
-        catch (InvalidDataException e)
+        catch (Exception e) when (e is InvalidDataException or ZstdSharp.ZstdException)
         {
-            throw Qcow2Errors.CorruptException(file.Path, $"the compressed cluster at offset {offset} is not valid deflate data ({e.Message})", e);
+            throw Qcow2Errors.CorruptException(file.Path, $"the compressed cluster at offset {offset} is not valid {(type == Qcow2CompressionType.Zstd ? "zstd" : "deflate")} data ({e.Message})", e);
         }
         finally
         {

@@ -11,7 +11,8 @@ namespace BitmapBackup.Core.Formats.Qcow2;
 /// disk when the write runs to the disk's end (its tail past the end is compressed as zeros, as QEMU pads it).
 /// Anything else, and a cluster whose deflated form would not be smaller than a cluster, is written as a normal
 /// cluster. The data is raw deflate (compression type 0) that QEMU inflates with its 4 KiB window
-/// (<see cref="Qcow2CompressedCluster.Compress"/>).</para>
+/// (<see cref="Qcow2CompressedCluster.Compress"/>), or one zstd frame (compression type 1,
+/// <see cref="Qcow2CompressedCluster.CompressZstd"/>), as the image's header says.</para>
 ///
 /// <para>Placement follows QEMU's qcow2_alloc_bytes (<see cref="Qcow2Allocator.AllocateBytes"/>): compressed
 /// clusters are packed one after another at byte granularity; the descriptor records the offset and the 512-byte
@@ -28,8 +29,8 @@ public sealed partial class Qcow2Image : ICompressedWriter
         lock (_sync)
         {
             CheckWritable();
-            if (CompressionType != Qcow2CompressionType.Deflate)
-                Qcow2Errors.Unsupported(Path, $"compressed writes with compression type {CompressionType} (only deflate is written)");
+            if (CompressionType is not (Qcow2CompressionType.Deflate or Qcow2CompressionType.Zstd))
+                Qcow2Errors.Unsupported(Path, $"compressed writes with compression type {CompressionType}");
             if ((_header.IncompatibleFeatures & (ulong)(Qcow2IncompatibleFeatures.ExtendedL2 | Qcow2IncompatibleFeatures.ExternalDataFile)) != 0)
                 Qcow2Errors.Unsupported(Path, "compressed writes with extended L2 entries or an external data file");
             if (offset < 0 || offset > Size - data.Length)
@@ -86,7 +87,9 @@ public sealed partial class Qcow2Image : ICompressedWriter
             padded.AsSpan(data.Length, _clusterSize - data.Length).Clear();
             input = padded.AsSpan(0, _clusterSize);
         }
-        return Qcow2CompressedCluster.Compress(input, output, _clusterSize - 1);
+        return CompressionType == Qcow2CompressionType.Zstd
+            ? Qcow2CompressedCluster.CompressZstd(input, output, _clusterSize - 1)
+            : Qcow2CompressedCluster.Compress(input, output, _clusterSize - 1);
     }
 
     /// <summary>

@@ -28,7 +28,10 @@ public sealed partial class Qcow2Image
     /// </exception>
     /// <param name="durable">Sync the new image before returning; false for scratch images (a backup's '.partial' file,
     /// synced once at its commit).</param>
-    public static void Create(string path, long size, int clusterSize = DefaultClusterSize, string? backingFile = null, ImageFormat? backingFormat = null, bool durable = true)
+    /// <param name="compression">The compression type of compressed clusters: deflate (0, what every QEMU reads) or zstd
+    /// (1: incompatible feature bit 3 set, compression_type 1; QEMU 5.1 and later).</param>
+    public static void Create(string path, long size, int clusterSize = DefaultClusterSize, string? backingFile = null, ImageFormat? backingFormat = null, bool durable = true,
+        Qcow2CompressionType compression = Qcow2CompressionType.Deflate)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (size <= 0 || size % 512 != 0)
@@ -98,6 +101,8 @@ public sealed partial class Qcow2Image
             RefcountTableClusters = (uint)tableClusters,
             RefcountOrder = 4,
             HeaderLength = Qcow2Header.V3Length,
+            CompressionType = (byte)compression,
+            IncompatibleFeatures = compression == Qcow2CompressionType.Deflate ? 0 : (ulong)Qcow2IncompatibleFeatures.CompressionType,
         };
         var metadata = new byte[(1 + tableClusters + blocks) << cb];
         header.WriteTo(metadata);

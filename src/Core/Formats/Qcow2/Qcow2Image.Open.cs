@@ -15,7 +15,8 @@ public sealed partial class Qcow2Image
     /// </summary>
     /// <exception cref="BlockException">
     /// ImageNotFound, ImageInUse, UnsupportedFormat (not qcow2), ImageCorrupt, UnsupportedImageFeature (naming the
-    /// feature: encryption, external data file, extended L2, zstd, unknown bits, internal snapshots when writing),
+    /// feature: encryption, external data file, extended L2, a compression type other than deflate and zstd, unknown bits,
+    /// internal snapshots when writing),
     /// BackingFileNotFound, BackingChainLoop, BackingChainTooDeep.
     /// </exception>
     /// <remarks>Every file of the chain takes QEMU's image locks (the image as a writer or a reader, its backing
@@ -209,9 +210,8 @@ public sealed partial class Qcow2Image
                 Qcow2Errors.Corrupt(path, "the compression type bit is set but the header has no compression_type field");
             if (header.CompressionType == 0)
                 Qcow2Errors.Corrupt(path, "the compression type bit is set but compression_type is 0 (deflate)");
-            unsupported.Add(header.CompressionType == (byte)Qcow2CompressionType.Zstd
-                ? "zstd compression (compression_type 1)"
-                : $"compression type {header.CompressionType}");
+            if (header.CompressionType != (byte)Qcow2CompressionType.Zstd)
+                unsupported.Add($"compression type {header.CompressionType}");
         }
         else if (header.CompressionType != 0)
         {

@@ -274,7 +274,7 @@ public sealed partial class Qcow2Image : IBlockImage
         if (_decompressedEntry != entry.Raw)
         {
             _decompressedEntry = 0;
-            Qcow2CompressedCluster.Decompress(_file, entry, _clusterBits, _decompressed);
+            Qcow2CompressedCluster.Decompress(_file, entry, _clusterBits, _decompressed, CompressionType);
             _decompressedEntry = entry.Raw;
         }
         return _decompressed;
