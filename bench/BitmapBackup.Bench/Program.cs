@@ -9,6 +9,7 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["digest"] = DigestBench.Run,
     ["cache"] = CacheBench.Run,
     ["huge"] = BackupBench.RunHuge,
+    ["compress"] = CompressBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;
