@@ -19,6 +19,7 @@ public static class ErrorIds
     public const string ImageIsCharacterDevice = "ImageIsCharacterDevice";
     public const string ForceShareRequiresReadOnly = "ForceShareRequiresReadOnly";
     public const string ImageIOFailed = "ImageIOFailed";
+    public const string TooManyOpenFiles = "TooManyOpenFiles";
     public const string InvalidImageSize = "InvalidImageSize";
     public const string ShrinkWouldDiscardData = "ShrinkWouldDiscardData";
     public const string OffsetOutOfRange = "OffsetOutOfRange";

@@ -198,6 +198,7 @@ internal static class ImageFiles
 
     private static BlockException OpenFailed(string path, bool write, bool create, int errno) => errno switch
     {
+        LinuxFile.EMFILE or LinuxFile.ENFILE => TooManyOpenFiles(path, errno),
         LinuxFile.ENOENT or LinuxFile.ENOTDIR when create => new BlockException(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound,
             $"The folder of image '{path}' does not exist.", path),
         LinuxFile.ENOENT or LinuxFile.ENOTDIR => NotFound(path),
@@ -210,6 +211,21 @@ internal static class ImageFiles
         _ => new BlockException(ErrorIds.ImageIOFailed, create ? BlockErrorCategory.WriteError : BlockErrorCategory.ReadError,
             create ? $"Cannot create image '{path}': {LinuxFile.Describe(errno)}" : $"Cannot open image file '{path}': {LinuxFile.Describe(errno)}", path),
     };
+
+    /// <summary>
+    /// Out of file descriptors (EMFILE: this process's limit; ENFILE: the system's): a resource limit, not a lock held by
+    /// someone else, so a runbook that retries on ImageInUse does not loop on it.
+    /// </summary>
+    private static BlockException TooManyOpenFiles(string path, int errno)
+    {
+        string limit = errno == LinuxFile.ENFILE
+            ? "the system's limit on open files is reached"
+            : LinuxFile.OpenFileLimit() is (ulong soft, ulong hard)
+                ? $"this process has reached its limit of {soft} open files (hard limit {hard}; ulimit -n)"
+                : "this process has reached its limit on open files (ulimit -n)";
+        return new BlockException(ErrorIds.TooManyOpenFiles, BlockErrorCategory.LimitsExceeded,
+            $"Cannot open image file '{path}': {LinuxFile.Describe(errno)}: {limit}. Close nodes or raise the limit.", path);
+    }
 
     private static BlockException NotFound(string path)
         => new(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound, $"Image file '{path}' does not exist.", path);

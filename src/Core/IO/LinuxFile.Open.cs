@@ -47,6 +47,8 @@ internal static partial class LinuxFile
     public const int ENOSYS = 38;
     public const int EOPNOTSUPP = 95;
     public const int EPERM = 1;
+    public const int ENFILE = 23;
+    public const int EMFILE = 24;
 
     [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static partial int OpenWithMode(string path, int flags, int mode);
@@ -165,4 +167,27 @@ internal static partial class LinuxFile
 
     /// <summary>The system's text for an errno.</summary>
     public static string Describe(int errno) => Marshal.GetPInvokeErrorMessage(errno);
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct RLimit
+    {
+        public ulong Current;
+        public ulong Maximum;
+    }
+
+    [LibraryImport("libc", EntryPoint = "getrlimit", SetLastError = true)]
+    private static partial int GetRLimit(int resource, out RLimit limit);
+
+    /// <summary>The process's limit on open files (RLIMIT_NOFILE: soft, hard), or null when unknown.</summary>
+    public static (ulong Soft, ulong Hard)? OpenFileLimit()
+    {
+        try
+        {
+            return OperatingSystem.IsLinux() && GetRLimit(7 /* RLIMIT_NOFILE */, out RLimit l) == 0 ? (l.Current, l.Maximum) : null;
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return null;
+        }
+    }
 }

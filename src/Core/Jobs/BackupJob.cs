@@ -106,9 +106,12 @@ public sealed class BackupJob
 
     public DateTimeOffset? EndTime { get { lock (_lock) return _ended; } }
 
-    public long BytesTotal => _copier?.BytesTotal ?? 0;
+    public long BytesTotal => _copier?.BytesTotal ?? _finalBytesTotal;
 
-    public long BytesDone => _copier?.BytesDone ?? 0;
+    public long BytesDone => _copier?.BytesDone ?? _finalBytesDone;
+
+    // What the job reports once it has concluded and let go of its copier (see Conclude).
+    private long _finalBytesTotal, _finalBytesDone;
 
     /// <summary>Why the job failed, or null.</summary>
     public BlockException? Error { get { lock (_lock) return _error; } }
@@ -659,6 +662,7 @@ public sealed class BackupJob
             _error = error;
             _ended = DateTimeOffset.Now;
         }
+        LetGo();
         try
         {
             Concluding?.Invoke(this);
@@ -678,6 +682,21 @@ public sealed class BackupJob
         {
             _completed.TrySetResult();
         }
+    }
+
+    /// <summary>
+    /// A concluded job keeps its outcome, not its working set: the copy bitmap (2 MiB for a 1 TiB disk), the target
+    /// image with its caches and backing chain. A session that keeps hundreds of finished jobs in Get-Job stays small.
+    /// </summary>
+    private void LetGo()
+    {
+        if (_copier is { } copier)
+        {
+            _finalBytesTotal = copier.BytesTotal;
+            _finalBytesDone = copier.BytesDone;
+            _copier = null;
+        }
+        _target.ReleaseImage();
     }
 
     private void SetStatus(BlockJobStatus status)

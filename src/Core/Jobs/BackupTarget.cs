@@ -34,7 +34,8 @@ public sealed class BackupTarget : IDisposable
     /// <summary>The file being written (the partial file for a new target).</summary>
     public string WritePath { get; }
 
-    public IBlockImage Image { get; }
+    /// <summary>The image being written; a closed stand-in once the backup has ended (<see cref="ReleaseImage"/>).</summary>
+    public IBlockImage Image { get; private set; }
 
     /// <summary>Whether this backup created the file (and so deletes it on failure).</summary>
     public bool Created { get; }
@@ -206,7 +207,37 @@ public sealed class BackupTarget : IDisposable
         }
     }
 
+    /// <summary>The backup has ended: drop the (closed) image and what it holds. Only valid after Commit or Discard.</summary>
+    internal void ReleaseImage()
+    {
+        if (_imageClosed)
+            Image = ReleasedImage.Instance;
+    }
+
     public void Dispose() => Discard();
+
+    /// <summary>What <see cref="Image"/> is after the backup ended: nothing left to read or write.</summary>
+    private sealed class ReleasedImage : IBlockImage
+    {
+        public static readonly ReleasedImage Instance = new();
+
+        public ImageFormat Format => ImageFormat.Raw;
+        public string Path => string.Empty;
+        public long Size => 0;
+        public int ClusterSize => 0;
+        public bool ReadOnly => true;
+        public string? BackingFile => null;
+
+        public void Read(long offset, Span<byte> buffer) => throw new ObjectDisposedException(nameof(BackupTarget));
+        public void Write(long offset, ReadOnlySpan<byte> data) => throw new ObjectDisposedException(nameof(BackupTarget));
+        public void WriteZeroes(long offset, long length) => throw new ObjectDisposedException(nameof(BackupTarget));
+        public void Flush() => throw new ObjectDisposedException(nameof(BackupTarget));
+        public void Resize(long newSize) => throw new ObjectDisposedException(nameof(BackupTarget));
+        public IEnumerable<AllocationExtent> GetAllocation(long offset, long length) => throw new ObjectDisposedException(nameof(BackupTarget));
+        public void Dispose()
+        {
+        }
+    }
 }
 
 /// <summary>How a backup target is created and opened: format drivers plug in here.</summary>
