@@ -292,6 +292,7 @@ public sealed partial class Qcow2Image
 
         var fresh = new List<(long Offset, long Length)>(); // allocated here, not yet listed: freed again on failure
         var tables = new Dictionary<string, (long Offset, uint Size)>(StringComparer.Ordinal);
+        var stale = new List<long>(); // data clusters of tables rewritten in place: free once the new directory is in effect
         try
         {
             if (storeBits)
@@ -304,14 +305,14 @@ public sealed partial class Qcow2Image
                     lock (_sync)
                     {
                         CheckWritable();
-                        tables[w.Name] = WriteBitmapData(w, bits, fresh);
+                        tables[w.Name] = WriteBitmapData(w, bits, fresh, stale);
                     }
                 }
             }
             lock (_sync)
             {
                 CheckWritable();
-                CommitBitmapDirectory(wanted, tables, fresh);
+                CommitBitmapDirectory(wanted, tables, fresh, stale);
             }
         }
         catch
@@ -326,8 +327,14 @@ public sealed partial class Qcow2Image
         => Throw.Block(ErrorIds.PersistenceNotSupported, BlockErrorCategory.InvalidOperation,
             $"Can't store bitmap '{DirtyBitmapLimits.Shorten(name)}' in '{Path}': {why}.", name);
 
-    /// <summary>Write a bitmap's non-zero data clusters and its table to new clusters; returns the table.</summary>
-    private (long Offset, uint Size) WriteBitmapData(WantedBitmap w, HierarchicalBitmap bits, List<(long, long)> fresh)
+    /// <summary>
+    /// Write a bitmap's non-zero data clusters to new clusters, and its table: in place over the table the image lists
+    /// for it when that one is in use on disk and of the same size (nobody trusts an in-use bitmap's content, so a crash
+    /// while it is rewritten costs nothing, provided the data it then names is on disk with its refcounts first, as
+    /// qemu-img check walks in-use tables too; its old data clusters go to <paramref name="stale"/>), else to new clusters.
+    /// A table of a thousand bitmaps is thus written over their own tables, not beside them. Returns the table.
+    /// </summary>
+    private (long Offset, uint Size) WriteBitmapData(WantedBitmap w, HierarchicalBitmap bits, List<(long, long)> fresh, List<long> stale)
     {
         if (Qcow2BitmapTable.SizeProblem(Size, w.GranularityBits, _clusterBits) is { } problem)
             StoreRefused(w.Name, problem);
@@ -338,6 +345,7 @@ public sealed partial class Qcow2Image
         long tableClusters = ((entries * sizeof(ulong)) + _clusterSize - 1) >> _clusterBits;
         var table = new byte[tableClusters << _clusterBits];
         var cluster = new byte[_clusterSize];
+        int freshBefore = fresh.Count;
         long bitsPerCluster = (long)_clusterSize * 8;
         for (long i = 0; i < entries; i++)
         {
@@ -352,10 +360,53 @@ public sealed partial class Qcow2Image
             _file.Write(offset, cluster);
             BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan((int)(i * sizeof(ulong))), (ulong)offset);
         }
+        if (ReusableTable(w, entries, tableClusters) is { } reuse)
+        {
+            var old = new byte[table.Length];
+            _file.Read(reuse.TableOffset, old);
+            if (!old.AsSpan().SequenceEqual(table)) // the same table (an empty bitmap, say): nothing to write or free
+            {
+                // From this write on the image's table names the new data clusters: should the store fail now, they
+                // must leak (as must the stale ones), never be freed while a table on disk still names them.
+                fresh.RemoveRange(freshBefore, fresh.Count - freshBefore);
+                // qemu-img check walks in-use tables too: the data they name, and its refcounts, first on disk.
+                _refcounts.Flush();
+                _file.Sync();
+                _file.Write(reuse.TableOffset, table);
+                for (int i = 0; i < reuse.TableSize; i++)
+                {
+                    ulong entry = BinaryPrimitives.ReadUInt64BigEndian(old.AsSpan(i * sizeof(ulong)));
+                    long offset = (long)(entry & Qcow2BitmapTable.OffsetMask);
+                    if (offset != 0 && Qcow2BitmapTable.Problem(entry, _clusterBits) is null && offset <= EndOffset - _clusterSize
+                        && _regions.Describe(offset >> _clusterBits) is null)
+                        stale.Add(offset >> _clusterBits);
+                }
+            }
+            return (reuse.TableOffset, (uint)entries);
+        }
         long tableOffset = AllocateMetadata(tableClusters);
         fresh.Add((tableOffset, tableClusters << _clusterBits));
         _file.Write(tableOffset, table);
         return (tableOffset, (uint)entries);
+    }
+
+    /// <summary>
+    /// The on-disk entry of this bitmap when its table may be rewritten in place: in use on disk (its table is not
+    /// trusted by anyone), the same granularity and table size, and a table that lies inside the file and is not other
+    /// metadata. Otherwise null.
+    /// </summary>
+    private Qcow2BitmapDirectoryEntry? ReusableTable(WantedBitmap w, long entries, long tableClusters)
+    {
+        Qcow2BitmapDirectoryEntry? e = _bitmaps.FirstOrDefault(b => string.Equals(b.Name, w.Name, StringComparison.Ordinal));
+        if (e is null || !e.InUse || e.GranularityBits != w.GranularityBits || e.TableSize != entries || e.TableOffset == 0
+            || (e.TableOffset & (_clusterSize - 1)) != 0 || e.TableOffset > EndOffset - (tableClusters << _clusterBits))
+            return null;
+        for (long c = e.TableOffset >> _clusterBits; c < (e.TableOffset >> _clusterBits) + tableClusters; c++)
+        {
+            if (_regions.Describe(c) is not null || _refcounts.Get(c) != 1)
+                return null;
+        }
+        return e;
     }
 
     /// <summary>A table of zero entries (the bitmap reads as all zeros) for a bitmap listed in use before it has bits.</summary>
@@ -374,7 +425,7 @@ public sealed partial class Qcow2Image
     private long AllocateMetadata(long clusters) => clusters == 1 ? _allocator!.AllocateCluster() : _allocator!.AllocateContiguous(clusters);
 
     /// <summary>Write the new directory, switch the extension to it, then free what nothing lists any more.</summary>
-    private void CommitBitmapDirectory(List<WantedBitmap> wanted, Dictionary<string, (long Offset, uint Size)> tables, List<(long Offset, long Length)> fresh)
+    private void CommitBitmapDirectory(List<WantedBitmap> wanted, Dictionary<string, (long Offset, uint Size)> tables, List<(long Offset, long Length)> fresh, List<long> stale)
     {
         IReadOnlyList<Qcow2BitmapDirectoryEntry> old = _bitmaps;
         var byName = new Dictionary<string, Qcow2BitmapDirectoryEntry>(StringComparer.Ordinal);
@@ -476,6 +527,7 @@ public sealed partial class Qcow2Image
                     CollectBitmapClusters(e, free);
             }
         }
+        free.UnionWith(stale); // data that tables rewritten in place no longer name
         foreach (long c in free)
             _allocator!.TryQueueFree(c);
         FlushMetadata();
