@@ -84,7 +84,7 @@ public sealed partial class Qcow2Image : IBlockImage
         _refcounts = refcounts;
         _allocator = allocator;
         _l2Cache = new Qcow2ClusterCache(_clusterSize);
-        _size = (long)header.Size;
+        _size = (long)(header.Size / 512 * 512); // QEMU reads the virtual size in whole sectors (bs->total_sectors)
     }
 
     #region Properties
@@ -100,7 +100,10 @@ public sealed partial class Qcow2Image : IBlockImage
 
     public int ClusterSize => _clusterSize;
 
-    public bool ReadOnly => _allocator is null;
+    /// <summary>Read-only: opened so, or marked corrupt while open (<see cref="MarkCorrupt"/>).</summary>
+    public bool ReadOnly => _allocator is null || _markedCorrupt;
+
+    private bool _markedCorrupt;
 
     /// <summary>The backing file name exactly as recorded in the image (relative names are relative to the image's folder).</summary>
     public string? BackingFile { get; }
@@ -306,18 +309,24 @@ public sealed partial class Qcow2Image : IBlockImage
             _decompressedEntry = 0; // the cached compressed cluster may just have been freed
     }
 
-    /// <summary>The kind of an entry, after checking it can be used: no zero flag in v2, data offsets aligned and inside the file.</summary>
+    /// <summary>
+    /// The kind of an entry, after checking it can be used, as QEMU 7.2 does before any read or write (where it fails
+    /// the I/O with "Image is corrupt", ImageCorrupt here; such an entry never reads as zeros): no zero flag in v2, host
+    /// offsets of data and of preallocated zero clusters cluster aligned, data inside the file. Like QEMU, reserved
+    /// bits are ignored and data that overlaps metadata is read as it is (writes refuse it: CheckReplaceable, IsExclusive).
+    /// </summary>
     private Qcow2ClusterKind Classify(Qcow2L2Entry entry, long guestCluster)
     {
         Qcow2ClusterKind kind = entry.Kind;
         if (kind == Qcow2ClusterKind.Zero && _header.Version < 3)
             Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} is a zero cluster, which version 2 images cannot have");
-        if (kind == Qcow2ClusterKind.Normal)
+        if (kind is Qcow2ClusterKind.Normal or Qcow2ClusterKind.Zero && entry.HostOffset != 0)
         {
             long host = entry.HostOffset;
+            string what = kind == Qcow2ClusterKind.Zero ? "a zero cluster keeps host offset" : "maps to host offset";
             if ((host & (_clusterSize - 1)) != 0)
-                Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} maps to host offset {host}, which is not cluster aligned");
-            if (host >= EndOffset)
+                Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} {what} {host}, which is not cluster aligned");
+            if (kind == Qcow2ClusterKind.Normal && host >= EndOffset)
                 Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} maps to host offset {host}, past the end of the file ({_file.Length} bytes)");
         }
         return kind;
@@ -381,7 +390,7 @@ public sealed partial class Qcow2Image : IBlockImage
             _disposed = true;
             try
             {
-                if (_allocator is not null)
+                if (_allocator is not null && !_markedCorrupt)
                 {
                     FlushMetadata();
                     _file.SyncNow();
