@@ -46,7 +46,6 @@ public sealed partial class Qcow2Image : IBlockImage
     private readonly int _l2Bits;
     private readonly int _l2Entries;
     private IBlockImage? _backing;
-    private IReadOnlyList<BackingChainEntry> _chain = [];
     private ImageFormat? _backingFormat;
 
     // Guarded by _sync.
@@ -118,7 +117,16 @@ public sealed partial class Qcow2Image : IBlockImage
     public IBlockImage? BackingImage => _backing;
 
     /// <summary>Every image below this one, nearest first.</summary>
-    public IReadOnlyList<BackingChainEntry> BackingChain => _chain;
+    public IReadOnlyList<BackingChainEntry> BackingChain
+    {
+        get
+        {
+            var entries = new List<BackingChainEntry>();
+            for (IBlockImage? below = _backing; below is not null; below = (below as Qcow2Image)?._backing)
+                entries.Add(new BackingChainEntry(below.Path, below.Format, below.Size));
+            return entries;
+        }
+    }
 
     /// <summary>qcow2 version: 2 (compat 0.10) or 3 (compat 1.1).</summary>
     public int Version => (int)_header.Version;
@@ -175,44 +183,115 @@ public sealed partial class Qcow2Image : IBlockImage
         lock (_sync)
         {
             CheckOpen();
-            while (!buffer.IsEmpty)
+            List<ChainRange>? below = null;
+            ReadOwn(offset, buffer, 0, ref below);
+            if (below is not null)
+                ReadChain(_backing, below, buffer);
+        }
+    }
+
+    /// <summary>A part of a read that an image leaves to the images below it: guest offset, place in the caller's buffer, length.</summary>
+    private readonly record struct ChainRange(long Offset, int BufferIndex, int Length);
+
+    /// <summary>
+    /// Read what this image stores in [offset, offset + buffer.Length) into <paramref name="buffer"/> (which sits at
+    /// <paramref name="bufferIndex"/> in the caller's buffer), and add what it leaves to its backing image to
+    /// <paramref name="below"/>. The caller holds <see cref="_sync"/>.
+    /// </summary>
+    private void ReadOwn(long offset, Span<byte> buffer, int bufferIndex, ref List<ChainRange>? below)
+    {
+        int done = 0;
+        while (done < buffer.Length)
+        {
+            long gc = offset >> _clusterBits;
+            int inCluster = (int)(offset & (_clusterSize - 1));
+            Qcow2L2Entry entry = GetEntry(gc);
+            Qcow2ClusterKind kind = Classify(entry, gc);
+            int left = buffer.Length - done;
+            int n = Math.Min(_clusterSize - inCluster, left);
+            if (kind != Qcow2ClusterKind.Compressed)
             {
-                long gc = offset >> _clusterBits;
-                int inCluster = (int)(offset & (_clusterSize - 1));
-                Qcow2L2Entry entry = GetEntry(gc);
-                Qcow2ClusterKind kind = Classify(entry, gc);
-                int n = Math.Min(_clusterSize - inCluster, buffer.Length);
-                if (kind != Qcow2ClusterKind.Compressed)
+                // Extend over following clusters of the same kind (data: contiguous in the file too).
+                for (long next = gc + 1; n < left; next++)
                 {
-                    // Extend over following clusters of the same kind (data: contiguous in the file too).
-                    for (long next = gc + 1; n < buffer.Length; next++)
-                    {
-                        Qcow2L2Entry e = GetEntry(next);
-                        if (Classify(e, next) != kind
-                            || (kind == Qcow2ClusterKind.Normal && e.HostOffset != entry.HostOffset + ((next - gc) << _clusterBits)))
-                            break;
-                        n += Math.Min(_clusterSize, buffer.Length - n);
-                    }
+                    Qcow2L2Entry e = GetEntry(next);
+                    if (Classify(e, next) != kind
+                        || (kind == Qcow2ClusterKind.Normal && e.HostOffset != entry.HostOffset + ((next - gc) << _clusterBits)))
+                        break;
+                    n += Math.Min(_clusterSize, left - n);
                 }
-                Span<byte> part = buffer[..n];
-                switch (kind)
-                {
-                    case Qcow2ClusterKind.Normal:
-                        _file.Read(entry.HostOffset + inCluster, part);
-                        break;
-                    case Qcow2ClusterKind.Zero:
-                        part.Clear();
-                        break;
-                    case Qcow2ClusterKind.Compressed:
-                        Decompressed(entry).AsSpan(inCluster, n).CopyTo(part);
-                        break;
-                    default:
-                        ReadBacking(offset, part);
-                        break;
-                }
-                offset += n;
-                buffer = buffer[n..];
             }
+            Span<byte> part = buffer.Slice(done, n);
+            switch (kind)
+            {
+                case Qcow2ClusterKind.Normal:
+                    _file.Read(entry.HostOffset + inCluster, part);
+                    break;
+                case Qcow2ClusterKind.Zero:
+                    part.Clear();
+                    break;
+                case Qcow2ClusterKind.Compressed:
+                    Decompressed(entry).AsSpan(inCluster, n).CopyTo(part);
+                    break;
+                default:
+                    below ??= [];
+                    if (below.Count > 0 && below[^1] is var last && last.Offset + last.Length == offset && last.BufferIndex + last.Length == bufferIndex + done)
+                        below[^1] = last with { Length = last.Length + n };
+                    else
+                        below.Add(new ChainRange(offset, bufferIndex + done, n));
+                    break;
+            }
+            offset += n;
+            done += n;
+        }
+    }
+
+    /// <summary>
+    /// Fill <paramref name="ranges"/> of <paramref name="buffer"/> from the chain that starts at <paramref name="layer"/>,
+    /// one image at a time, down to the base: each image reads what it stores and passes the rest further down; past
+    /// an image's end, and below the base, the disk reads as zeros. A loop, not a recursion: chains have no fixed depth.
+    /// </summary>
+    private static void ReadChain(IBlockImage? layer, List<ChainRange> ranges, Span<byte> buffer)
+    {
+        while (ranges.Count > 0)
+        {
+            if (layer is null)
+            {
+                foreach (ChainRange r in ranges)
+                    buffer.Slice(r.BufferIndex, r.Length).Clear();
+                return;
+            }
+            long size = layer.Size;
+            List<ChainRange>? next = null;
+            var q = layer as Qcow2Image;
+            if (q is not null)
+                Monitor.Enter(q._sync);
+            try
+            {
+                q?.CheckOpen();
+                foreach (ChainRange r in ranges)
+                {
+                    int inside = (int)Math.Clamp(size - r.Offset, 0, r.Length);
+                    Span<byte> part = buffer.Slice(r.BufferIndex, inside);
+                    if (inside > 0)
+                    {
+                        if (q is not null)
+                            q.ReadOwn(r.Offset, part, r.BufferIndex, ref next);
+                        else
+                            layer.Read(r.Offset, part);
+                    }
+                    buffer.Slice(r.BufferIndex + inside, r.Length - inside).Clear();
+                }
+            }
+            finally
+            {
+                if (q is not null)
+                    Monitor.Exit(q._sync);
+            }
+            if (next is null)
+                return;
+            ranges = next;
+            layer = q?._backing;
         }
     }
 
@@ -258,17 +337,7 @@ public sealed partial class Qcow2Image : IBlockImage
 
     /// <summary>Read what the backing chain holds at <paramref name="offset"/>: zeros past its end or without one.</summary>
     private void ReadBacking(long offset, Span<byte> buffer)
-    {
-        long available = _backing is null ? 0 : _backing.Size - offset;
-        if (available <= 0)
-        {
-            buffer.Clear();
-            return;
-        }
-        int n = (int)Math.Min(available, buffer.Length);
-        _backing!.Read(offset, buffer[..n]);
-        buffer[n..].Clear();
-    }
+        => ReadChain(_backing, [new ChainRange(offset, 0, buffer.Length)], buffer);
 
     /// <summary>The inflated contents of a compressed cluster (the last one is kept: sequential reads hit it).</summary>
     private byte[] Decompressed(Qcow2L2Entry entry)
@@ -404,8 +473,20 @@ public sealed partial class Qcow2Image : IBlockImage
             finally
             {
                 _file.Dispose();
-                _backing?.Dispose();
             }
+        }
+        DisposeBackingChain();
+    }
+
+    /// <summary>Close every image below this one, nearest first, in a loop (a chain may be thousands deep).</summary>
+    private void DisposeBackingChain()
+    {
+        IBlockImage? below = Interlocked.Exchange(ref _backing, null);
+        while (below is not null)
+        {
+            IBlockImage? next = below is Qcow2Image q ? Interlocked.Exchange(ref q._backing, null) : null;
+            below.Dispose();
+            below = next;
         }
     }
 }
