@@ -550,12 +550,19 @@ public sealed class BackupJob
         if (bitmap is null || Interlocked.Exchange(ref _bitmapCleanedUp, 1) != 0)
             return;
         BitmapSyncMode mode = _spec.BitmapMode!.Value;
-        bool sync = (succeeded || mode == BitmapSyncMode.Always) && mode != BitmapSyncMode.Never;
+        // A failed "always" backup drops the clusters it copied only when the target keeps them (flushed): if the
+        // partial image could not be kept (its file system is full, say), the bitmap keeps every bit instead.
+        bool sync = mode switch
+        {
+            BitmapSyncMode.Always => succeeded || _target.KeptCopiedData,
+            BitmapSyncMode.Never => false,
+            _ => succeeded,
+        };
         if (sync)
             bitmap.Abdicate();
         else
             bitmap.Reclaim();
-        if (!succeeded && mode == BitmapSyncMode.Always)
+        if (sync && !succeeded)
             bitmap.MergeInternal(_copier!.Remaining(), ClusterSize);
     }
 

@@ -42,6 +42,12 @@ public sealed class BackupTarget : IDisposable
     /// <summary>True when a failed backup kept its partial file (<see cref="WritePath"/>).</summary>
     public bool KeptPartial { get; private set; }
 
+    /// <summary>
+    /// True when <see cref="Discard"/> kept what was copied, flushed (the partial file of a new target, or an existing
+    /// target written in place): only then may a failed "always" backup drop the copied clusters from its bitmap.
+    /// </summary>
+    public bool KeptCopiedData { get; private set; }
+
     /// <summary>A new image for a backup of <paramref name="size"/> bytes.</summary>
     public static BackupTarget CreateNew(string path, ImageFormat format, long size, BackupTargetOptions options)
     {
@@ -150,6 +156,7 @@ public sealed class BackupTarget : IDisposable
         if (keepPartial)
         {
             KeptPartial = Created;
+            KeptCopiedData = true;
             return;
         }
         if (Created)
