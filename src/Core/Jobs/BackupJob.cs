@@ -384,6 +384,8 @@ public sealed class BackupJob
             failure = Cancelled();
         if (failure is null && _spec.Sync != BackupSyncMode.None && !_copier!.IsDone)
             failure = new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' ended with data left to copy.", Id);
+        if (failure is null && _spec.Sync != BackupSyncMode.None)
+            failure = PrepareCommit();
         if (failure is null && _group is not null)
         {
             SetStatus(BlockJobStatus.Waiting);
@@ -464,6 +466,27 @@ public sealed class BackupJob
                         break;
                 }
             }
+        }
+    }
+
+    /// <summary>
+    /// Everything of the commit that can fail, but the rename, done before the job waits for its group or for
+    /// Complete (QEMU's .prepare): the copy is over (copy-before-write has nothing left to copy), so the target is
+    /// flushed now and its final name checked. A failure here fails the job, and with it the whole group, before any
+    /// job of the group has committed: a grouped transaction completes all its backups or none, even when the
+    /// target's file system fills up while its metadata is written back.
+    /// </summary>
+    private BlockException? PrepareCommit()
+    {
+        try
+        {
+            _target.Prepare();
+            return null;
+        }
+        catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
+        {
+            return e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+                $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
         }
     }
 

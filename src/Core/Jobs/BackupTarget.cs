@@ -110,6 +110,21 @@ public sealed class BackupTarget : IDisposable
     }
 
     /// <summary>
+    /// What of <see cref="Commit"/> can fail before the rename, done early (the copy is over): data and metadata
+    /// written back and synced, and the final name still free. Throws when a step fails; the target is then not
+    /// finished and <see cref="Discard"/> removes it.
+    /// </summary>
+    public void Prepare()
+    {
+        if (_finished)
+            return;
+        Image.Flush();
+        if (Created && (File.Exists(Path) || Directory.Exists(Path)))
+            Throw.Block(ErrorIds.ImageAlreadyExists, BlockErrorCategory.ResourceExists,
+                $"Backup target '{Path}' cannot be given its name: a {(Directory.Exists(Path) ? "folder" : "file")} with that name appeared while the backup ran.", Path);
+    }
+
+    /// <summary>
     /// Make the backup durable and give it its name: data and metadata synced, the image closed, a new target renamed
     /// from its partial name, the folder synced. Throws when a step fails; the target is then not finished, and
     /// <see cref="Discard"/> still removes the partial file.
