@@ -37,6 +37,10 @@ BeforeDiscovery {
         @{ Scenario = 'qcow2 bitmap sync, -BitmapMode Always'; Kind = 'Qcow2'; Compress = $false; Group = $false; Policy = 'Report'; BitmapMode = 'Always' }
     )
     $script:SweepCases = @(foreach ($s in $scenarios) { foreach ($seed in $Seeds) { $s + @{ Seed = $seed } } })
+    $script:SeedCases = @(foreach ($seed in $Seeds) { @{ Seed = $seed } })
+    $script:ShadowCases = @(foreach ($seed in $Seeds) {
+            foreach ($format in 'Raw', 'Qcow2') { foreach ($persistent in $true, $false) { @{ Format = $format; Persistent = $persistent; Kind = ($persistent ? 'persistent' : 'non-persistent'); Seed = $seed } } }
+        })
 }
 
 BeforeAll {
@@ -467,7 +471,7 @@ Describe 'The commit fails: a folder at the final name, a sync that fails' -Skip
             else { $p += @{ Target = (Join-Path $dir "$($n.Name).t.qcow2"); Sync = 'Incremental'; Bitmap = 'b'; BackingFile = $n.Top } }
             @{ Command = 'Start-IncrementalBackup'; Parameters = $p }
         })
-        $jobs = if ($Group) { @(Invoke-BitmapTransaction -CompletionMode Grouped -Action @($specs)) } else { @(foreach ($sp in $specs) { $p = $sp.Parameters; Start-IncrementalBackup @p }) }
+        $jobs = @(if ($Group) { Invoke-BitmapTransaction -CompletionMode Grouped -Action @($specs) } else { foreach ($sp in $specs) { $p = $sp.Parameters; Start-IncrementalBackup @p } })
         $blocked = $specs[-1].Parameters.Target
         Start-Sleep -Milliseconds 100
         $jobs[-1].State | Should -Be 'Running' -Because 'the folder appears while the backup runs'
@@ -723,6 +727,456 @@ exit 0
         Close-BlockNode -Node disk -Confirm:$false
         Assert-QemuImageEqual -Path $inc -Reference $path
         if ($Format -eq 'Qcow2') { $null = Assert-QemuImageCheck -Path $path }
+    }
+}
+
+Describe 'Stop-Job and Remove-Job -Force at random instants of a running backup (seed <Seed>)' -ForEach $SeedCases -Skip:$NoQemuImg {
+    BeforeEach { $dir = New-TestDirectory }
+    AfterEach {
+        Get-Job | Remove-Job -Force
+        Get-BlockNode | Close-BlockNode -Confirm:$false -WarningAction SilentlyContinue -ErrorAction SilentlyContinue
+    }
+
+    It 'each ends Stopped or removed promptly, with no target, no partial and every dirty bit; the next backup verifies' {
+        $rng = [Random]::new($Seed)
+        $queue = [Collections.Generic.List[object]]::new()
+        $nodes = @((New-FaultNode -Dir $dir -Rng $rng), (New-FaultNode -Dir $dir -Rng $rng))
+        $sets = @{}
+        foreach ($n in $nodes) { $sets[$n.Name] = New-WriteSet -Rng $rng -Size 2MB -Count 6 }
+        $variants = 'Incremental', 'Always', 'Pending', 'Suspended', 'Grouped', 'RawFull'
+        $count = (Test-FaultFullSweep) ? 48 : 12
+        $cancelled = 0
+        for ($k = 0; $k -lt $count; $k++) {
+            $variant = $variants[$k % $variants.Count]
+            $remove = $rng.Next(2) -eq 1
+            $delay = $rng.Next(0, 400)
+            $writeAt = $rng.Next(0, $delay + 1)
+            $use = ($variant -eq 'Grouped') ? $nodes : @($nodes[0])
+            $before = @{}; $ref = @{}; $targets = @{}
+            $specs = @(foreach ($n in $use) {
+                $null = Write-Set -Node $n.Name -Writes $sets[$n.Name] -Rng $rng
+                $before[$n.Name] = Get-DirtyClusterSet -Node $n.Name -Name b
+                $ref[$n.Name] = Save-NodeSnapshot -Node $n.Name -Path (Join-Path $dir "ref$k-$($n.Name).raw")
+                $p = @{ Node = $n.Name; Bitmap = 'b'; BytesPerSecond = 2MB }
+                switch ($variant) {
+                    'RawFull' { $p += @{ Target = (Join-Path $dir "t$k-$($n.Name).img"); Sync = 'Full'; BitmapMode = 'OnSuccess'; TargetFormat = 'Raw' }; $p.BytesPerSecond = 4MB }
+                    'Always' { $p += @{ Target = (Join-Path $dir "t$k-$($n.Name).qcow2"); Sync = 'Bitmap'; BitmapMode = 'Always'; BackingFile = $n.Top } }
+                    default { $p += @{ Target = (Join-Path $dir "t$k-$($n.Name).qcow2"); Sync = 'Incremental'; BackingFile = $n.Top } }
+                }
+                if ($variant -eq 'Pending') { $p.AutoFinalize = $false }
+                $targets[$n.Name] = $p.Target
+                @{ Command = 'Start-IncrementalBackup'; Parameters = $p }
+            })
+            $jobs = @(if ($variant -eq 'Grouped') { Invoke-BitmapTransaction -CompletionMode Grouped -Action $specs } else { $p = $specs[0].Parameters; Start-IncrementalBackup @p })
+            if ($variant -eq 'Suspended') { Suspend-IncrementalBackup -Job $jobs[0] -Confirm:$false }
+            # A write to the node while the backup runs (after its point in time): the bitmap keeps it whatever happens.
+            Start-Sleep -Milliseconds $writeAt
+            $during = [Collections.Generic.SortedSet[long]]::new()
+            $w = (New-WriteSet -Rng $rng -Size 2MB -Count 1)[0]
+            Write-BlockNode -Node $use[0].Name -Offset $w[0] -Data (New-FaultData -Rng $rng -Length $w[1]) -Confirm:$false
+            Add-RangeCluster -Set $during -Offset $w[0] -Length $w[1]
+            Start-Sleep -Milliseconds ($delay - $writeAt)
+            $sw = [Diagnostics.Stopwatch]::StartNew()
+            if ($remove) { Remove-Job -Job $jobs -Force } else { Stop-Job -Job $jobs }
+            $sw.Elapsed.TotalSeconds | Should -BeLessThan $RemoveBound -Because "$($remove ? 'Remove-Job -Force' : 'Stop-Job') returns promptly"
+            $outcomes = for ($i = 0; $i -lt $jobs.Count; $i++) {
+                $j = $jobs[$i]; $n = $use[$i]; $target = $targets[$n.Name]
+                $j.Backup.Status | Should -Be 'Concluded'
+                if ($remove) { Get-Job -Id $j.Id -ErrorAction SilentlyContinue | Should -BeNullOrEmpty }
+                else { $j.State | Should -BeIn @('Stopped', 'Completed') }
+                $expected = [Collections.Generic.SortedSet[long]]::new($during)
+                if ($null -eq $j.Backup.Error) {
+                    # It had completed before the stop: a complete backup, verified.
+                    $variant | Should -Not -BeIn @('Pending', 'Suspended')
+                    if (-not $remove) { $j.State | Should -Be 'Completed' }
+                    Test-Path -LiteralPath $target -PathType Leaf | Should -BeTrue
+                    Test-Path -LiteralPath "$target.partial" | Should -BeFalse
+                    Add-CompareCheck -Queue $queue -Path $target -Reference $ref[$n.Name] -Because "backup $k ($variant) completed before it was stopped"
+                    if ($target -like '*.qcow2') { Add-ImageCheck -Queue $queue -Path $target -Because "backup $k ($variant)" }
+                    $n.Top = $target
+                    'completed'
+                }
+                else {
+                    $j.Backup.Error.ErrorId | Should -Be 'BackupCancelled'
+                    if (-not $remove) { $j.State | Should -Be 'Stopped' }
+                    Assert-NoTargetFile -Target $target -Because "backup $k ($variant) was stopped"
+                    if ($j.Backup.KeptPartialTarget) {
+                        $variant | Should -Be 'Always'
+                        $n.Top = "$target.partial"
+                        Add-ImageCheck -Queue $queue -Path $n.Top -Because "partial image kept by stopped backup $k (-BitmapMode Always)"
+                    }
+                    else {
+                        Test-Path -LiteralPath "$target.partial" | Should -BeFalse
+                        $expected.UnionWith($before[$n.Name])
+                    }
+                    $j.Backup.KeptPartialTarget ? 'cancelled (partial kept)' : 'cancelled'
+                }
+                if ($n -eq $use[0]) { Assert-BitmapKept -Node $n.Name -Before $expected -Because "backup $k ($variant) stopped after $delay ms" }
+                else { Assert-BitmapKept -Node $n.Name -Before ($null -eq $j.Backup.Error ? [Collections.Generic.SortedSet[long]]::new() : $before[$n.Name]) -Because "backup $k ($variant)" }
+            }
+            $cancelled += @($outcomes | Where-Object { $_ -like 'cancelled*' }).Count
+            Write-FaultLog ("instant {0,2}: {1,-11} {2} after {3,3} ms: {4}" -f $k, $variant, ($remove ? 'Remove-Job -Force' : 'Stop-Job'), $delay, ($outcomes -join ','))
+            foreach ($n in $use) { Assert-NextBackup -Node $n -Tag "stop$k" -Queue $queue }
+        }
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+        $cancelled | Should -BeGreaterThan 0 -Because 'most instants land while the backup runs'
+    }
+}
+
+Describe 'kill -9 of a child pwsh at random instants (seed <Seed>)' -ForEach $SeedCases -Skip:$NoQemuImg {
+    BeforeAll {
+        # What every child script starts with: the helpers, a log, and random writes logged before and after each one
+        # ('W k offset length data|zero seed' / 'E k'), so that the parent knows the writes made before the kill.
+        $script:ChildPrelude = @'
+Import-Module '__HELPERS__'
+$rng = [Random]::new(__SEED__)
+$script:k = 0
+function Write-Log([string] $Line) { [IO.File]::AppendAllText('__LOG__', "$Line`n") }
+function Write-Random([string] $Node, [long] $Size, [int] $Count, [int] $MaxLength = 128KB, [int] $Align = 512) {
+    for ($c = 0; $c -lt $Count; $c++) {
+        $len = $Align * $rng.Next(1, [int]($MaxLength / $Align) + 1)
+        $off = $Align * [long]$rng.Next(0, [int](($Size - $len) / $Align) + 1)
+        $zero = $rng.Next(5) -eq 0
+        $seed = $rng.Next()
+        Write-Log "W $script:k $off $len $($zero ? 'zero' : 'data') $seed $Node"
+        if ($zero) { Write-BlockNode -Node $Node -Offset $off -Zero -Length $len -Confirm:$false }
+        else { Write-BlockNode -Node $Node -Offset $off -Data (New-FaultData -Rng ([Random]::new($seed)) -Length $len) -Confirm:$false }
+        Write-Log "E $script:k"
+        $script:k++
+    }
+}
+'@
+
+        function Start-KillChild {
+            <# Start -Script (after the prelude) in a child pwsh, wait for -Ready in its log, wait a random time, kill -9 it. #>
+            param([string] $Script, [string] $Dir, [int] $Seed, [string] $Ready, [int] $MaxDelay, [Random] $Rng)
+            $log = Join-Path $Dir 'child.log'
+            $full = $ChildPrelude.Replace('__HELPERS__', (Join-Path $PSScriptRoot 'FaultHelpers.psm1')).Replace('__SEED__', "$Seed").Replace('__LOG__', $log) + "`n" + $Script.Replace('__DIR__', $Dir)
+            $child = Start-FaultChild -Script $full -Directory $Dir
+            try {
+                Wait-FaultFile -Path $log -Pattern $Ready -Process $child -TimeoutSeconds 90 | Should -BeTrue -Because "the child gets to '$Ready' ($(Get-Content -Raw $child.Err -ErrorAction SilentlyContinue))"
+                $delay = $Rng.Next(0, $MaxDelay)
+                Start-Sleep -Milliseconds $delay
+                $child.HasExited | Should -BeFalse -Because "the child runs until it is killed ($(Get-Content -Raw $child.Err -ErrorAction SilentlyContinue))"
+            }
+            finally { Stop-FaultChild -Process $child }
+            $lines = @(Get-Content -LiteralPath $log)
+            Write-FaultLog "killed $delay ms after '$Ready', at: $($lines[-1])"
+            return $lines
+        }
+
+        function Assert-CrashedImage {
+            <# qemu-img check of a qcow2 image left by a killed process: no corruption; leaks allowed (a crash may leave them). #>
+            param([string] $Path, [string] $Because, [Collections.Generic.List[object]] $Queue)
+            Add-ImageCheck -Queue $Queue -Path $Path -AllowLeaks -Because $Because
+        }
+
+        function Invoke-Reanchor {
+            <# The way back after a crash: a full backup with bitmap -Bitmap re-anchors it (inconsistent or not), a write, an incremental that verifies. #>
+            param([string] $Node, [string] $Dir, [string] $Bitmap, [Collections.Generic.List[object]] $Queue)
+            $full = Join-Path $Dir "reanchor-$Node.qcow2"
+            $r = Start-IncrementalBackup -Node $Node -Target $full -Sync Full -Bitmap $Bitmap -BitmapMode OnSuccess -Wait
+            $r.Succeeded | Should -BeTrue -Because "$($r.Error)"
+            (Get-DirtyBitmap -Node $Node -Name $Bitmap).Inconsistent | Should -BeFalse
+            Write-BlockNode -Node $Node -Offset 64KB -Pattern 0x5a -Length 100KB -Confirm:$false
+            $inc = Join-Path $Dir "after-$Node.qcow2"
+            (Start-IncrementalBackup -Node $Node -Target $inc -Sync Incremental -Bitmap $Bitmap -BackingFile $full -Wait).Succeeded | Should -BeTrue
+            Add-CompareCheck -Queue $Queue -Path $inc -Reference (Save-NodeSnapshot -Node $Node -Path (Join-Path $Dir "after-$Node.raw")) -Because 'the first incremental after the crash'
+            Add-ImageCheck -Queue $Queue -Path $inc -Because 'the first incremental after the crash'
+        }
+
+        function Assert-BackupFiles {
+            <#
+            The targets a killed child left: a final name only for a complete backup (it reads as its reference, the node
+            at its point in time, and checks clean); a '.partial' checks without corruption (a crash may leave leaks in it).
+            Every backup the child logged as Completed exists. Returns how many were complete and partial.
+            #>
+            param([string] $Dir, [string] $Pattern, [string[]] $Lines, [Collections.Generic.List[object]] $Queue)
+            $complete = 0; $partial = 0
+            foreach ($f in @(Get-ChildItem -LiteralPath $Dir -Filter $Pattern)) {
+                if ($f.Name -like '*.partial') { $partial++; Assert-CrashedImage -Path $f.FullName -Because 'a partial target left by a crash' -Queue $Queue; continue }
+                $complete++
+                $ref = Join-Path $Dir ($f.BaseName + '.ref.raw')
+                Test-Path -LiteralPath $ref | Should -BeTrue
+                Add-CompareCheck -Queue $Queue -Path $f.FullName -Reference $ref -Because 'a backup under its final name is complete'
+                Add-ImageCheck -Queue $Queue -Path $f.FullName -Because 'a backup under its final name'
+            }
+            foreach ($line in ($Lines -match '^B \S+ Completed$')) {
+                Test-Path -LiteralPath (Join-Path $Dir (($line -split ' ')[1] + '.qcow2')) | Should -BeTrue -Because "the child saw '$line'"
+            }
+            return "$complete complete, $partial partial"
+        }
+    }
+    BeforeEach { $dir = New-TestDirectory }
+    AfterEach {
+        Get-Job | Remove-Job -Force
+        Get-BlockNode | Close-BlockNode -Confirm:$false -WarningAction SilentlyContinue -ErrorAction SilentlyContinue
+    }
+
+    It 'during backups of a <Format> node (<Cache>): images check, only complete backups carry their final name, the bitmap is inconsistent or exact, the node reads as the shadow of its writes' -ForEach @(
+        @{ Format = 'Qcow2'; Cache = 'WriteThrough' }
+        @{ Format = 'Raw'; Cache = 'WriteBack' }
+        @{ Format = 'Qcow2'; Cache = 'WriteBack' }
+    ) {
+        $rng = [Random]::new($Seed * 100 + ($Format -eq 'Raw' ? 1 : 2) + ($Cache -eq 'WriteBack' ? 10 : 0))
+        $path = Join-Path $dir ('disk' + ($Format -eq 'Raw' ? '.img' : '.qcow2'))
+        $script = @"
+`$null = New-BlockImage -Path '$path' -Size 4MB -Format $Format -Confirm:`$false
+`$null = Open-BlockNode -Path '$path' -Name disk -Cache $Cache
+Write-Random -Node disk -Size 4MB -Count 12
+`$null = New-DirtyBitmap -Node disk -Name p -Persistent
+Write-Log 'B full start'
+`$null = Start-IncrementalBackup -Node disk -Target '__DIR__/full.qcow2' -Sync Full -Bitmap p -BitmapMode OnSuccess -Wait
+Write-Log 'B full Completed'
+`$prev = '__DIR__/full.qcow2'
+for (`$i = 1; ; `$i++) {
+    Write-Random -Node disk -Size 4MB -Count 3
+    [IO.File]::WriteAllBytes("__DIR__/inc`$i.ref.raw", [byte[]](Read-BlockNode -Node disk -Offset 0 -Length 4MB))
+    Write-Log "B inc`$i start"
+    `$job = Start-IncrementalBackup -Node disk -Target "__DIR__/inc`$i.qcow2" -Sync Incremental -Bitmap p -BackingFile `$prev -BytesPerSecond 4MB
+    while (`$job.State -eq 'Running') { Write-Random -Node disk -Size 4MB -Count 1; Start-Sleep -Milliseconds (`$rng.Next(0, 40)) }
+    `$null = Wait-Job -Job `$job
+    Write-Log "B inc`$i `$(`$job.State)"
+    if (`$job.State -eq 'Completed') { `$prev = "__DIR__/inc`$i.qcow2" }
+    Remove-Job -Job `$job
+}
+"@
+        $lines = Start-KillChild -Script $script -Dir $dir -Seed $Seed -Ready '^B inc1 start$' -MaxDelay 1500 -Rng $rng
+        $queue = [Collections.Generic.List[object]]::new()
+        Write-FaultLog (Assert-BackupFiles -Dir $dir -Pattern 'inc*.qcow2*' -Lines $lines -Queue $queue)
+        if ($Format -eq 'Qcow2') { Assert-CrashedImage -Path $path -Because 'the node image of a killed process' -Queue $queue }
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+
+        $writes = @(Read-ShadowLog -Path (Join-Path $dir 'child.log'))
+        $null = Open-BlockNode -Path $path -Name disk
+        # What the node reads: every write that returned, but for a qcow2 node in write-back mode, whose last window
+        # of metadata a crash may lose (documented); the write cut short by the kill may have landed or not.
+        if (-not ($Format -eq 'Qcow2' -and $Cache -eq 'WriteBack')) {
+            $why = Assert-ShadowContent -Actual (Read-NodeBytes -Node disk) -Shadow (Get-ShadowBytes -Size 4MB -Writes $writes)
+            $why | Should -BeNullOrEmpty -Because 'the node keeps every write that returned'
+        }
+        # The persistent bitmap: inconsistent (the node was open), or exact: every write since the last complete backup.
+        $p = Get-DirtyBitmap -Node disk -Name p
+        if (-not $p.Inconsistent) {
+            $last = @($lines -match '^B \S+ start$' | Where-Object { Test-Path (Join-Path $dir ((($_ -split ' ')[1]) + '.qcow2')) })[-1]
+            $from = [array]::IndexOf($lines, $last)
+            $exact = [Collections.Generic.SortedSet[long]]::new()
+            foreach ($w in $writes) { if ($w.Line -gt $from) { Add-RangeCluster -Set $exact -Offset $w.Offset -Length $w.Length } }
+            Get-MissingCluster -Expected $exact -Actual (Get-DirtyClusterSet -Node disk -Name p) | Should -Be 'none' -Because 'a clean bitmap after a crash holds every write since its last backup'
+        }
+        Write-FaultLog "bitmap p: $($p.Inconsistent ? 'inconsistent' : 'consistent')"
+        Invoke-Reanchor -Node disk -Dir $dir -Bitmap p -Queue $queue
+        Close-BlockNode -Node disk -Confirm:$false
+        if ($Format -eq 'Qcow2') {
+            $null = & qemu-img check -q -r leaks -f qcow2 $path 2>&1   # what the crash leaked (checked above) is not the reopened session's
+        }
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+    }
+
+    It 'during persistent-bitmap stores of a <Format> node (open, write, close, again): each bitmap is inconsistent or exact, never clean with bits missing' -ForEach @(
+        @{ Format = 'Qcow2' }
+        @{ Format = 'Raw' }
+    ) {
+        $rng = [Random]::new($Seed * 100 + ($Format -eq 'Raw' ? 21 : 22))
+        $path = Join-Path $dir ('disk' + ($Format -eq 'Raw' ? '.img' : '.qcow2'))
+        $script = @"
+`$null = New-BlockImage -Path '$path' -Size 256MB -Format $Format -Confirm:`$false
+`$granularities = @(512, 1KB, 2KB, 4KB, 8KB, 16KB, 32KB, 64KB, 512, 512, 512, 512, 4KB, 4KB, 64KB, 512)
+for (`$i = 1; ; `$i++) {
+    `$null = Open-BlockNode -Path '$path' -Name disk
+    if (`$i -eq 1) { for (`$g = 0; `$g -lt `$granularities.Count; `$g++) { `$null = New-DirtyBitmap -Node disk -Name "p`$g" -Granularity `$granularities[`$g] -Persistent } }
+    Write-Log "O `$i"
+    Write-Random -Node disk -Size 256MB -Count 4 -MaxLength 64KB -Align 4096
+    Write-Log "C `$i begin"
+    Close-BlockNode -Node disk -Confirm:`$false
+    Write-Log "C `$i end"
+}
+"@
+        $lines = Start-KillChild -Script $script -Dir $dir -Seed $Seed -Ready '^C 2 begin$' -MaxDelay 1500 -Rng $rng
+        $queue = [Collections.Generic.List[object]]::new()
+        if ($Format -eq 'Qcow2') { Assert-CrashedImage -Path $path -Because 'a crash during a bitmap store may leave the clusters it had allocated' -Queue $queue }
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+        $writes = @(Read-ShadowLog -Path (Join-Path $dir 'child.log'))
+        $granularities = @(512, 1KB, 2KB, 4KB, 8KB, 16KB, 32KB, 64KB, 512, 512, 512, 512, 4KB, 4KB, 64KB, 512)
+        $null = Open-BlockNode -Path $path -Name disk
+        $inconsistent = 0
+        for ($g = 0; $g -lt $granularities.Count; $g++) {
+            $b = Get-DirtyBitmap -Node disk -Name "p$g"
+            if ($b.Inconsistent) { $inconsistent++; continue }
+            # Clean: it was stored at a close, after every write had returned: it holds exactly all of them.
+            $exact = [Collections.Generic.SortedSet[long]]::new()
+            foreach ($w in $writes) { Add-RangeCluster -Set $exact -Offset $w.Offset -Length $w.Length -Granularity $granularities[$g] }
+            Format-ClusterSet (Get-DirtyClusterSet -Node disk -Name "p$g" -Granularity $granularities[$g]) | Should -Be (Format-ClusterSet $exact) -Because "bitmap p$g loaded clean"
+        }
+        Write-FaultLog "$inconsistent of $($granularities.Count) bitmaps inconsistent"
+        @(Get-DirtyBitmap -Node disk | Where-Object Inconsistent).Count | Should -BeIn @(0, $granularities.Count) -Because 'one store writes every bitmap'
+        foreach ($b in @(Get-DirtyBitmap -Node disk | Where-Object { $_.Name -ne 'p0' })) { Remove-DirtyBitmap -Node disk -Name $b.Name -Confirm:$false }
+        Invoke-Reanchor -Node disk -Dir $dir -Bitmap p0 -Queue $queue
+        Close-BlockNode -Node disk -Confirm:$false
+        @(Get-ChildItem -LiteralPath $dir -Filter '*.tmp').Count | Should -Be 0 -Because 'the next store replaces what a crash left'
+        if ($Format -eq 'Qcow2') { $null = & qemu-img check -q -r leaks -f qcow2 $path 2>&1 }
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+    }
+
+    It 'during transaction commits (grouped backups of two nodes; bitmaps added and removed with a backup): images check, only complete backups carry their final name, every bitmap inconsistent' {
+        $rng = [Random]::new($Seed * 100 + 31)
+        $script = @"
+`$nodes = 'na', 'nc'
+`$prev = @{}
+foreach (`$n in `$nodes) {
+    `$null = New-BlockImage -Path "__DIR__/`$n.qcow2" -Size 4MB -Confirm:`$false
+    `$null = Open-BlockNode -Path "__DIR__/`$n.qcow2" -Name `$n
+    Write-Random -Node `$n -Size 4MB -Count 6
+    `$null = New-DirtyBitmap -Node `$n -Name p -Persistent
+    `$null = Start-IncrementalBackup -Node `$n -Target "__DIR__/`$n-full.qcow2" -Sync Full -Bitmap p -BitmapMode OnSuccess -Wait
+    `$prev[`$n] = "__DIR__/`$n-full.qcow2"
+}
+for (`$i = 1; ; `$i++) {
+    foreach (`$n in `$nodes) {
+        Write-Random -Node `$n -Size 4MB -Count 2
+        [IO.File]::WriteAllBytes("__DIR__/`$n-inc`$i.ref.raw", [byte[]](Read-BlockNode -Node `$n -Offset 0 -Length 4MB))
+    }
+    `$backups = @(foreach (`$n in `$nodes) { @{ Command = 'Start-IncrementalBackup'; Parameters = @{ Node = `$n; Target = "__DIR__/`$n-inc`$i.qcow2"; Sync = 'Incremental'; Bitmap = 'p'; BackingFile = `$prev[`$n]; BytesPerSecond = 8MB } } })
+    Write-Log "T `$i begin"
+    if (`$i % 2) { `$jobs = @(Invoke-BitmapTransaction -CompletionMode Grouped -Action `$backups) }
+    else {
+        `$actions = @(@{ Command = 'New-DirtyBitmap'; Parameters = @{ Node = 'na'; Name = "s`$i"; Persistent = `$true } })
+        if (`$i -gt 2) { `$actions += @{ Command = 'Remove-DirtyBitmap'; Parameters = @{ Node = 'na'; Name = "s`$(`$i - 2)" } } }
+        `$jobs = @(Invoke-BitmapTransaction -Action (`$actions + `$backups) | Where-Object { `$_ -is [BitmapBackup.BackupPSJob] })
+    }
+    Write-Log "T `$i committed"
+    `$null = `$jobs | Wait-Job
+    foreach (`$j in `$jobs) {
+        Write-Log "B `$(`$j.Node)-inc`$i `$(`$j.State)"
+        if (`$j.State -eq 'Completed') { `$prev[`$j.Node] = "__DIR__/`$(`$j.Node)-inc`$i.qcow2" }
+    }
+    `$jobs | Remove-Job
+}
+"@
+        $lines = Start-KillChild -Script $script -Dir $dir -Seed $Seed -Ready '^T 1 begin$' -MaxDelay 2000 -Rng $rng
+        $queue = [Collections.Generic.List[object]]::new()
+        Write-FaultLog (Assert-BackupFiles -Dir $dir -Pattern '*-inc*.qcow2*' -Lines $lines -Queue $queue)
+        foreach ($n in 'na', 'nc') { Assert-CrashedImage -Path (Join-Path $dir "$n.qcow2") -Because 'the node image of a killed process' -Queue $queue }
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+        foreach ($n in 'na', 'nc') {
+            $null = Open-BlockNode -Path (Join-Path $dir "$n.qcow2") -Name $n
+            foreach ($b in @(Get-DirtyBitmap -Node $n)) {
+                $b.Inconsistent | Should -BeTrue -Because "bitmap '$($b.Name)' of node '$n' was in use when the process was killed"
+                if ($b.Name -ne 'p') { Remove-DirtyBitmap -Node $n -Name $b.Name -Confirm:$false }
+            }
+            Invoke-Reanchor -Node $n -Dir $dir -Bitmap p -Queue $queue
+            Close-BlockNode -Node $n -Confirm:$false
+            $null = & qemu-img check -q -r leaks -f qcow2 (Join-Path $dir "$n.qcow2") 2>&1
+        }
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+    }
+}
+
+Describe 'Shadow model: random writes and zero writes on a tmpfs filled to random levels (<Format>, <Kind> bitmap, seed <Seed>)' -ForEach $ShadowCases -Skip:$NoQemuImg {
+    BeforeEach {
+        $dir = New-TestDirectory
+        $mount = Mount-FaultTmpfs -Size 8MB -Parent $dir
+    }
+    AfterEach {
+        if ($mount) { Clear-TmpfsFiller -Mount $mount }
+        Get-Job | Remove-Job -Force
+        Get-BlockNode | Close-BlockNode -Confirm:$false -WarningAction SilentlyContinue -ErrorAction SilentlyContinue
+        Dismount-FaultTmpfs -All
+    }
+
+    It 'every byte that differs from the last backup lies in a dirty cluster, in this process and the next; the next incremental makes the chain equal to the node; the image checks clean' {
+        if (-not $mount) { Set-ItResult -Skipped -Because 'mounting a tmpfs needs root (mount -t tmpfs); CI runs as root'; return }
+        $rng = [Random]::new($Seed * 100 + ($Format -eq 'Raw' ? 41 : 42) + ($Persistent ? 0 : 10))
+        $size = 4MB
+        $path = Join-Path $mount ('disk' + ($Format -eq 'Raw' ? '.img' : '.qcow2'))
+        $null = New-BlockImage -Path $path -Size $size -Format $Format -Confirm:$false
+        $null = Open-BlockNode -Path $path -Name disk
+        # Data in a quarter of the node: writes elsewhere need new space (in place, they would not).
+        for ($c = 0; $c -lt 16; $c++) { Write-BlockNode -Node disk -Offset (64KB * $rng.Next(0, 64)) -Data (New-FaultData -Rng $rng -Length 64KB) -Confirm:$false }
+        $null = New-DirtyBitmap -Node disk -Name b -Persistent:$Persistent
+        $top = Join-Path $dir 'full.qcow2'
+        (Start-IncrementalBackup -Node disk -Target $top -Sync Full -Bitmap b -BitmapMode OnSuccess -Wait).Succeeded | Should -BeTrue
+        $last = Read-NodeBytes -Node disk        # what the last backup holds
+        $expected = [byte[]]$last.Clone()        # what the node must read: every write applied, a failed one as it read back
+        $queue = [Collections.Generic.List[object]]::new()
+        $failures = 0
+        $rounds = (Test-FaultFullSweep) ? 8 : 2
+        for ($round = 1; $round -le $rounds; $round++) {
+            $attempted = [Collections.Generic.SortedSet[long]]::new()
+            $free = Set-TmpfsFree -Mount $mount -Free (4KB * $rng.Next(0, ($round -eq 1) ? 16 : 128))
+            $failed = 0
+            for ($op = 0; $op -lt ((Test-FaultFullSweep) ? 24 : 12); $op++) {
+                $len = 512 * $rng.Next(1, 513)
+                $off = 512 * [long]$rng.Next(0, [int](($size - $len) / 512) + 1)
+                $zero = $rng.Next(3) -eq 0
+                $data = $zero ? $null : (New-FaultData -Rng $rng -Length $len)
+                Add-RangeCluster -Set $attempted -Offset $off -Length $len
+                try {
+                    if ($zero) { Write-BlockNode -Node disk -Offset $off -Zero -Length $len -Confirm:$false -ErrorAction Stop; [Array]::Clear($expected, $off, $len) }
+                    else { Write-BlockNode -Node disk -Offset $off -Data $data -Confirm:$false -ErrorAction Stop; [Array]::Copy($data, 0, $expected, $off, $len) }
+                }
+                catch {
+                    $_.FullyQualifiedErrorId | Should -Be 'ImageIOFailed,BitmapBackup.WriteBlockNodeCommand'
+                    $_.Exception.Message | Should -Match 'No space left on device'
+                    $_.Exception.Message | Should -Match ([regex]::Escape($path))
+                    $failed++
+                    # The range of a failed write may hold old or new bytes: the shadow takes what it reads back.
+                    [Array]::Copy([byte[]](Read-BlockNode -Node disk -Offset $off -Length $len), 0, $expected, $off, $len)
+                }
+            }
+            $failures += $failed
+            Clear-TmpfsFiller -Mount $mount
+            Write-FaultLog "round $round`: $free bytes free, $failed of the writes failed, $($attempted.Count) clusters written"
+
+            # In this process: the bitmap marks the whole range of every write, failed or not, and nothing else; every
+            # byte that differs from the last backup lies in a dirty cluster; the node reads as the shadow.
+            $dirty = Get-DirtyClusterSet -Node disk -Name b
+            Format-ClusterSet $dirty | Should -Be (Format-ClusterSet $attempted) -Because "round $round"
+            $now = Read-NodeBytes -Node disk
+            Get-FirstDifference -A $now -B $expected | Should -Be -1 -Because 'the node reads as the shadow of its writes'
+            Get-MissingCluster -Expected (Get-DifferentCluster -A $now -B $last) -Actual $dirty | Should -Be 'none' -Because "every changed byte lies in a dirty cluster (round $round)"
+            $snapshot = Join-Path $dir "now$round.raw"
+            [IO.File]::WriteAllBytes($snapshot, $now)
+            $inc = Join-Path $dir "inc$round.qcow2"
+            if (-not $Persistent) {
+                # The bitmap ends with the node: the incremental is taken in this process, before the close.
+                (Start-IncrementalBackup -Node disk -Target $inc -Sync Incremental -Bitmap b -BackingFile $top -Wait).Succeeded | Should -BeTrue
+                Add-CompareCheck -Queue $queue -Path $inc -Reference $snapshot -Because "the incremental after round $round"
+            }
+            Close-BlockNode -Node disk -Confirm:$false -WarningAction SilentlyContinue
+            if ($Format -eq 'Qcow2') { Add-ImageCheck -Queue $queue -Path $path -Because "the node image after round $round and a close" }
+            @(Get-ChildItem -LiteralPath $mount -Filter '*.tmp').Count | Should -Be 0
+
+            # A new process: the node reads the same; a persistent bitmap comes back clean and whole, and the
+            # incremental taken there makes the chain equal to the node.
+            $child = if ($Persistent) {
+                "`$null = Open-BlockNode -Path '$path' -Name disk; `$b = Get-DirtyBitmap -Node disk -Name b; 'inconsistent=' + `$b.Inconsistent
+                (Get-DirtyBitmapRange -Node disk -Name b | ForEach-Object { '{0}+{1}' -f `$_.Offset, `$_.Length }) -join ';'
+                'sha=' + [Convert]::ToHexString([Security.Cryptography.SHA256]::HashData([byte[]](Read-BlockNode -Node disk -Offset 0 -Length $size)))
+                `$r = Start-IncrementalBackup -Node disk -Target '$inc' -Sync Incremental -Bitmap b -BackingFile '$top' -Wait; 'succeeded=' + `$r.Succeeded
+                Close-BlockNode -Node disk -Confirm:`$false"
+            }
+            else {
+                "`$null = Open-BlockNode -Path '$path' -Name disk -ReadOnly
+                'sha=' + [Convert]::ToHexString([Security.Cryptography.SHA256]::HashData([byte[]](Read-BlockNode -Node disk -Offset 0 -Length $size)))
+                Close-BlockNode -Node disk -Confirm:`$false"
+            }
+            $out = @(Invoke-FaultChild -Script $child -Directory $dir -Name "reopen$round")
+            ($out -match '^sha=') | Should -Be ('sha=' + [Convert]::ToHexString([Security.Cryptography.SHA256]::HashData($now)))
+            if ($Persistent) {
+                $out[0] | Should -Be 'inconsistent=False'
+                $out[1] | Should -Be ((Get-ClusterRangeText -Cluster @($attempted) -NodeSize $size) -join ';') -Because "the new process finds the bitmap whole (round $round)"
+                ($out -match '^succeeded=') | Should -Be 'succeeded=True'
+                Add-CompareCheck -Queue $queue -Path $inc -Reference $snapshot -Because "the incremental of the new process after round $round"
+            }
+            $top = $inc
+            $last = $now
+            $null = Open-BlockNode -Path $path -Name disk
+            if (-not $Persistent) { $null = New-DirtyBitmap -Node disk -Name b }
+        }
+        Close-BlockNode -Node disk -Confirm:$false -WarningAction SilentlyContinue
+        Assert-QueuedCheck -Queue $queue -Directory $dir
+        $failures | Should -BeGreaterThan 0 -Because 'the campaign must meet ENOSPC'
     }
 }
 
