@@ -448,16 +448,7 @@ public sealed class BackupJob
                         _cancel.Cancel();
                         return;
                     case JobErrorAction.Stop:
-                        bool changed;
-                        lock (_lock)
-                        {
-                            _lastTransientError = e.Error;
-                            _pausedByError = true;
-                            _running.Reset();
-                            changed = ChangeStatusLocked(BlockJobStatus.Paused);
-                        }
-                        if (changed)
-                            RaiseStatusChanged(BlockJobStatus.Paused);
+                        PauseForError(e.Error);
                         break;
                     default:
                         lock (_lock)
@@ -469,24 +460,67 @@ public sealed class BackupJob
         }
     }
 
+    /// <summary>-OnSourceError/-OnTargetError Stop: pause (the workers wait on <see cref="_running"/>) until Resume retries.</summary>
+    private void PauseForError(BlockException error)
+    {
+        bool changed;
+        lock (_lock)
+        {
+            _lastTransientError = error;
+            _pausedByError = true;
+            _running.Reset();
+            changed = ChangeStatusLocked(BlockJobStatus.Paused);
+        }
+        if (changed)
+            RaiseStatusChanged(BlockJobStatus.Paused);
+    }
+
     /// <summary>
     /// Everything of the commit that can fail, but the rename, done before the job waits for its group or for
     /// Complete (QEMU's .prepare): the copy is over (copy-before-write has nothing left to copy), so the target is
     /// flushed now and its final name checked. A failure here fails the job, and with it the whole group, before any
     /// job of the group has committed: a grouped transaction completes all its backups or none, even when the
-    /// target's file system fills up while its metadata is written back.
+    /// target's file system fills up while its metadata is written back. That write-back is a write of the target, so
+    /// -OnTargetError applies to it as to the copy: Stop pauses the job until Resume retries it, Ignore retries it.
     /// </summary>
     private BlockException? PrepareCommit()
     {
-        try
+        while (true)
         {
-            _target.Prepare();
-            return null;
-        }
-        catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
-        {
-            return e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
-                $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
+            BlockException error;
+            try
+            {
+                _target.Prepare();
+                return null;
+            }
+            catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
+            {
+                error = e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+                    $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
+            }
+            JobErrorAction action = error.ErrorId == ErrorIds.ImageIOFailed ? _spec.Request.OnTargetError : JobErrorAction.Report;
+            try
+            {
+                switch (action)
+                {
+                    case JobErrorAction.Stop:
+                        PauseForError(error);
+                        _running.Wait(_cancel.Token);
+                        break;
+                    case JobErrorAction.Ignore:
+                        lock (_lock)
+                            _lastTransientError = error;
+                        if (_cancel.Token.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(20)))
+                            return Cancelled();
+                        break;
+                    default:
+                        return error;
+                }
+            }
+            catch (OperationCanceledException)
+            {
+                return Cancelled();
+            }
         }
     }
 
