@@ -239,25 +239,21 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
         function Wait-BackupUnderTest {
             <#
             Wait (bounded) until every job is terminal. -OnTargetError Stop: a job paused by ENOSPC gets its space back and
-            is resumed; Ignore: once a job has met ENOSPC, space is freed and it retries by itself. Returns the message of
-            the error a job paused on or retried after, or $null.
+            is resumed; Ignore: once a job has met ENOSPC, space is freed and it retries by itself. Returns where the job
+            paused or retried (copy:<op>@<offset> or commit:<op>@<offset>), or $null.
             #>
             param($Ctx, [object[]] $Jobs)
             $deadline = [DateTime]::UtcNow.AddSeconds($Bound)
             $recovered = $null
             while (@($Jobs | Where-Object { $_.State -notin $Terminal }).Count -gt 0 -and [DateTime]::UtcNow -lt $deadline) {
                 foreach ($j in $Jobs) {
-                    if ($Ctx.Case.Policy -eq 'Stop' -and $j.Backup.PausedByError) {
-                        $j.Backup.LastTransientError.Message | Should -Match 'No space left on device'
-                        Clear-TmpfsFiller -Mount $Ctx.Mount
-                        $recovered = $j.Backup.LastTransientError.Message
-                        Resume-IncrementalBackup -Job $j -Confirm:$false -ErrorAction SilentlyContinue
-                    }
-                    if ($Ctx.Case.Policy -eq 'Ignore' -and $null -ne $j.Backup.LastTransientError -and -not $recovered) {
-                        $j.Backup.LastTransientError.Message | Should -Match 'No space left on device'
-                        Clear-TmpfsFiller -Mount $Ctx.Mount
-                        $recovered = $j.Backup.LastTransientError.Message
-                    }
+                    $transient = $j.Backup.LastTransientError
+                    if ($null -eq $transient -or ($Ctx.Case.Policy -eq 'Stop' -and -not $j.Backup.PausedByError) -or ($Ctx.Case.Policy -eq 'Ignore' -and $recovered)) { continue }
+                    $transient.Message | Should -Match 'No space left on device'
+                    $transient.Message -match 'during (\w+)(?: at offset (\d+))?' | Should -BeTrue
+                    $recovered = ($j.Backup.BytesDone -lt $j.Backup.BytesTotal ? 'copy:' : 'commit:') + ($Matches[2] ? "$($Matches[1])@$($Matches[2])" : $Matches[1])
+                    Clear-TmpfsFiller -Mount $Ctx.Mount
+                    if ($Ctx.Case.Policy -eq 'Stop') { Resume-IncrementalBackup -Job $j -Confirm:$false -ErrorAction SilentlyContinue }
                 }
                 Start-Sleep -Milliseconds 10
             }
@@ -270,11 +266,11 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
         function Get-Stage {
             <#
             Which stage failed: create, copy:<op>@<offset>, commit:<op>@<offset>, or ok; a job that paused or retried
-            after ENOSPC (-OnTargetError Stop/Ignore) and then completed is copy:<op>@<offset>>ok.
+            after ENOSPC (-OnTargetError Stop/Ignore) and then completed is <stage>><outcome>, e.g. copy:write@655360>ok.
             #>
             param($Started, [string] $Recovered)
             if ($Started.StartError) { return 'create' }
-            $resumed = if ($Recovered -match 'during (\w+)(?: at offset (\d+))?') { 'copy:' + $Matches[1] + ($Matches[2] ? "@$($Matches[2])" : '') + '>' } else { '' }
+            $resumed = $Recovered ? "$Recovered>" : ''
             $stages = foreach ($j in $Started.Jobs) {
                 $e = $j.Backup.Error
                 if ($null -eq $e) { continue }
@@ -348,8 +344,8 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
             if ($c.Group -and $started.Jobs.Count -gt 0) {
                 $completed | Should -BeIn @(0, $started.Jobs.Count) -Because "a grouped transaction completes all its backups or none (stage $stage)"
             }
-            if ($c.Policy -ne 'Report' -and $recovered -and $stage -notlike '*commit:*') {
-                $completed | Should -Be $started.Jobs.Count -Because 'a backup that met ENOSPC under -OnTargetError Stop/Ignore completes once space is freed'
+            if ($c.Policy -ne 'Report') {
+                $completed | Should -Be $started.Jobs.Count -Because "under -OnTargetError $($c.Policy) a backup that meets ENOSPC (copying, or writing back its metadata at the end) pauses or retries, and completes once space is freed (stage $stage)"
             }
 
             # Each node: its bitmap not busy, no dirty bit lost; the next backup to a good target succeeds and verifies.
@@ -386,6 +382,11 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
                 Add-CompareCheck -Queue $Ctx.Checks -Path $good -Reference $now -Because "the next backup after the level with $free bytes free (stage $stage)"
                 if ($good -like '*.qcow2') { Add-ImageCheck -Queue $Ctx.Checks -Path $good -Because "the next backup after the level with $free bytes free" }
                 if ($c.Kind -ne 'Raw') { $n.Top = $good }
+                if ($c.Kind -eq 'Qcow2' -and $k % 16 -eq 0) {
+                    # A new anchor now and then: a chain may not be deeper than 64 images (BackingChainTooDeep).
+                    $n.Top = Join-Path $Ctx.Dir "anchor$k-$($n.Name).qcow2"
+                    (Start-IncrementalBackup -Node $n.Name -Target $n.Top -Sync Full -Bitmap b -BitmapMode OnSuccess -Wait).Succeeded | Should -BeTrue
+                }
                 # Dirty the same clusters again, with new data, for the next level.
                 $null = Write-Set -Node $n.Name -Writes $n.Writes -Rng $Ctx.Rng
             }
@@ -439,7 +440,10 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
         $ctx.Stages | Should -Contain 'ok'
         @($ctx.Stages | Where-Object { $_ -like 'copy:*' }).Count | Should -BeGreaterThan 0 -Because 'ENOSPC while copying data'
         if ($sc.Policy -ne 'Report') {
-            @($ctx.Stages | Where-Object { $_ -like 'copy:*>ok' }).Count | Should -BeGreaterThan 0 -Because 'a backup paused or retried at ENOSPC completes once space is freed'
+            @($ctx.Stages | Where-Object { $_ -like 'copy:*>ok' }).Count | Should -BeGreaterThan 0 -Because 'a backup paused or retried at ENOSPC while copying completes once space is freed'
+            if ($sc.Kind -ne 'Raw') {   # a raw target has no metadata to write back
+                @($ctx.Stages | Where-Object { $_ -like 'commit:*>ok' }).Count | Should -BeGreaterThan 0 -Because 'a backup paused or retried at ENOSPC while writing back its metadata completes once space is freed'
+            }
         }
         if ($sc.Kind -ne 'Raw') {
             $ctx.Stages | Should -Contain 'create' -Because 'ENOSPC while creating a qcow2 target'
@@ -545,6 +549,79 @@ Describe 'The commit fails: a folder at the final name, a sync that fails' -Skip
             Assert-BitmapKept -Node $nodes[$i].Name -Before $before[$nodes[$i].Name] -Because 'the group failed at its sync'
             Assert-NextBackup -Node $nodes[$i] -Tag 'sync'
         }
+    }
+}
+
+Describe 'A target whose storage hangs (fsfreeze of an ext4 loop mount): Stop-Job and Remove-Job -Force are bounded' -Skip:$NoQemuImg {
+    BeforeAll {
+        $script:DefaultStopTimeout = [BitmapBackup.BackupPSJob]::StopTimeout
+        function Mount-FrozenCapable {
+            <# An ext4 file system in a loop-mounted file under -Dir (fsfreeze works on it, not on tmpfs); $null when it cannot be made. #>
+            param([string] $Dir)
+            if (-not (Test-FaultRoot) -or -not (Get-Command mkfs.ext4, fsfreeze -ErrorAction SilentlyContinue)) { return $null }
+            $file = Join-Path $Dir 'ext4.img'
+            $mnt = Join-Path $Dir 'ext4'
+            $null = New-Item -ItemType Directory -Path $mnt
+            $null = & truncate -s 64M $file 2>&1
+            $null = & mkfs.ext4 -q $file 2>&1
+            if ($LASTEXITCODE -ne 0) { return $null }
+            $out = & mount -o loop $file $mnt 2>&1
+            if ($LASTEXITCODE -ne 0) { Write-Warning "mount -o loop failed: $out"; return $null }
+            return $mnt
+        }
+    }
+    BeforeEach {
+        $dir = New-TestDirectory
+        $mnt = Mount-FrozenCapable -Dir $dir
+    }
+    AfterEach {
+        [BitmapBackup.BackupPSJob]::StopTimeout = $DefaultStopTimeout
+        if ($mnt) { $null = & fsfreeze --unfreeze $mnt 2>&1 }
+        Get-Job | Remove-Job -Force
+        Get-BlockNode | Close-BlockNode -Confirm:$false -WarningAction SilentlyContinue -ErrorAction SilentlyContinue
+        if ($mnt) { $null = & umount $mnt 2>&1; if ($LASTEXITCODE -ne 0) { $null = & umount -l $mnt 2>&1 } }
+    }
+
+    It '<Verb> of a backup whose target is frozen returns within the bound (JobStopTimedOut), the job is removable, and the bitmap gets every bit back when the storage answers' -ForEach @(
+        @{ Verb = 'Stop-Job' }
+        @{ Verb = 'Remove-Job -Force' }
+    ) {
+        if (-not $mnt) { Set-ItResult -Skipped -Because 'needs root, mkfs.ext4, fsfreeze and a loop device (mount -o loop); CI has them'; return }
+        [BitmapBackup.BackupPSJob]::StopTimeout = [TimeSpan]::FromSeconds(2)
+        $rng = [Random]::new(77)
+        $n = New-FaultNode -Dir $dir -Rng $rng
+        Write-BlockNode -Node $n.Name -Offset 0 -Data (New-FaultData -Rng $rng -Length 2MB) -Confirm:$false
+        $before = Get-DirtyClusterSet -Node $n.Name -Name b
+        $target = Join-Path $mnt 'inc.qcow2'
+        $job = Start-IncrementalBackup -Node $n.Name -Target $target -Sync Incremental -Bitmap b -BackingFile $n.Top -BytesPerSecond 1MB
+        Start-Sleep -Milliseconds 300
+        $job.State | Should -Be 'Running'
+        $null = & fsfreeze --freeze $mnt 2>&1
+        $LASTEXITCODE | Should -Be 0
+        try {
+            Start-Sleep -Milliseconds 1500   # the next write of the copy blocks in the kernel
+            $sw = [Diagnostics.Stopwatch]::StartNew()
+            if ($Verb -eq 'Stop-Job') { Stop-Job -Job $job } else { Remove-Job -Job $job -Force }
+            $sw.Elapsed.TotalSeconds | Should -BeLessThan 10 -Because "$Verb waits at most StopTimeout (2 s) for a backup that cannot clean up"
+            $sw.Elapsed.TotalSeconds | Should -BeGreaterOrEqual 1.5 -Because 'it did wait for the bound: the storage hangs'
+            if ($Verb -eq 'Stop-Job') {
+                $job.State | Should -Be 'Failed'
+                $e = @($job.Error)[-1]
+                $e.FullyQualifiedErrorId | Should -BeLike 'JobStopTimedOut*'
+                $e.Exception.Message | Should -Match 'did not finish cleaning up'
+                Remove-JobAtOnce -Job $job
+            }
+            Get-Job -Id $job.Id -ErrorAction SilentlyContinue | Should -BeNullOrEmpty
+            (Get-DirtyBitmap -Node $n.Name -Name b).Busy | Should -BeTrue -Because 'the engine still owns the bitmap while its target hangs'
+        }
+        finally { $null = & fsfreeze --unfreeze $mnt 2>&1 }
+        # The storage answers: the engine concludes the cancelled backup and gives the bitmap its bits back.
+        $job.Backup.Completion.Wait([TimeSpan]::FromSeconds($Bound)) | Should -BeTrue
+        $job.Backup.Error.ErrorId | Should -Be 'BackupCancelled'
+        Assert-BitmapKept -Node $n.Name -Before $before -Because 'the stopped backup concluded once its storage answered'
+        Test-Path -LiteralPath $target | Should -BeFalse
+        Test-Path -LiteralPath "$target.partial" | Should -BeFalse
+        Assert-NextBackup -Node $n -Tag 'frozen'
     }
 }
 
