@@ -46,6 +46,18 @@ public sealed class BackupJobSourceAdapter : JobSourceAdapter
 
     public override Job2? GetJobBySessionId(int id, bool recurse) => s_jobs.Values.FirstOrDefault(j => j.Id == id);
 
+    /// <summary>
+    /// Cancel every backup of the session that has not concluded, and wait until they have (their bitmaps get their
+    /// bits back, their partial targets are deleted), at most <paramref name="timeout"/> in all.
+    /// </summary>
+    internal static void CancelRunning(TimeSpan timeout)
+    {
+        Core.Jobs.BackupJob[] running = s_jobs.Values.OfType<BackupPSJob>().Select(j => j.Backup).Where(b => !b.Completion.IsCompleted).ToArray();
+        foreach (Core.Jobs.BackupJob backup in running)
+            backup.Cancel();
+        Task.WaitAll(running.Select(b => b.Completion).ToArray(), timeout);
+    }
+
     public override void RemoveJob(Job2 job)
     {
         if (s_jobs.TryGetValue(job.InstanceId, out Job2? known))
