@@ -304,6 +304,10 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
                 $started.StartError.FullyQualifiedErrorId | Should -BeLike 'ImageIOFailed,*'
                 $started.StartError.Exception.Message | Should -Match 'No space left on device'
                 @(Get-Job).Count | Should -Be $jobsBefore
+                foreach ($t in $started.Targets) {
+                    Test-Path -LiteralPath $t | Should -BeFalse
+                    Test-Path -LiteralPath "$t.partial" | Should -BeFalse -Because 'a target that could not be created is deleted (a grouped transaction deletes the targets it had created)'
+                }
             }
             else {
                 $recovered = Wait-BackupUnderTest -Ctx $Ctx -Jobs $started.Jobs
@@ -447,6 +451,9 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
         }
         if ($sc.Kind -ne 'Raw') {
             $ctx.Stages | Should -Contain 'create' -Because 'ENOSPC while creating a qcow2 target'
+            if ($sc.Policy -eq 'Report') {
+                @($ctx.Stages | Where-Object { $_ -like 'commit:*' }).Count | Should -BeGreaterThan 0 -Because 'ENOSPC while the L2 tables and refcount blocks allocated for the copy are written back'
+            }
         }
     }
 }
@@ -470,7 +477,7 @@ Describe 'The commit fails: a folder at the final name, a sync that fails' -Skip
         $specs = @(foreach ($n in $nodes) {
             $null = Write-Set -Node $n.Name -Writes (New-WriteSet -Rng $rng -Size 2MB) -Rng $rng
             $before[$n.Name] = Get-DirtyClusterSet -Node $n.Name -Name b
-            $p = @{ Node = $n.Name; BytesPerSecond = 2MB }
+            $p = @{ Node = $n.Name; BytesPerSecond = 512KB }   # the limit paces after each copy: slow enough to still run at 100 ms
             if ($Format -eq 'Raw') { $p += @{ Target = (Join-Path $dir "$($n.Name).t.img"); Sync = 'Full'; Bitmap = 'b'; BitmapMode = 'OnSuccess'; TargetFormat = 'Raw' } }
             else { $p += @{ Target = (Join-Path $dir "$($n.Name).t.qcow2"); Sync = 'Incremental'; Bitmap = 'b'; BackingFile = $n.Top } }
             @{ Command = 'Start-IncrementalBackup'; Parameters = $p }
@@ -524,9 +531,10 @@ Describe 'The commit fails: a folder at the final name, a sync that fails' -Skip
         Assert-NextBackup -Node $n -Tag 'rename'
     }
 
-    # Defect left open (reported): after a grouped transaction's decision each backup renames its own target, so a
-    # rename that fails after another backup of the group has committed leaves the group half done.
-    It 'a folder created at one final name while a grouped transaction is Pending: Complete-IncrementalBackup completes all the backups or none' -Skip:$true {
+    # Defect left open: after a grouped transaction's decision each backup renames its own target, so a rename that
+    # fails after another backup of the group has committed leaves the group half done (the other backup Completed,
+    # its bitmap reset). The right behaviour is asserted; remove -Skip when the group's renames are made atomic.
+    It 'a folder created at one final name while a grouped transaction is Pending: Complete-IncrementalBackup completes all the backups or none [skipped, DEFECT: grouped renames are not atomic]' -Skip {
         $nodes = @((New-FaultNode -Dir $dir -Rng $rng), (New-FaultNode -Dir $dir -Rng $rng))
         $before = @{}
         $specs = @(foreach ($n in $nodes) {
