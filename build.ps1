@@ -29,7 +29,7 @@ param(
     [string[]] $BenchArgs = @(),
 
     # Faults: how many seeds the campaign runs (BITMAPBACKUP_FAULT_SEEDS, when set, wins).
-    [int] $FaultSeeds = 8
+    [int] $FaultSeeds = 4
 )
 
 Set-StrictMode -Version Latest
