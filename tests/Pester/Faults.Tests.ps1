@@ -5,8 +5,11 @@
 #   Report/Stop/Ignore, -BitmapMode OnSuccess/Always: the free space is swept from 0 to what the backup needs.
 # - ENOSPC while persistent bitmaps are stored at close (raw sidecar, qcow2 bitmaps extension), and the process
 #   dying (kill -9, or a normal exit) while the close keeps failing.
+# - A commit that fails: a folder at the final name (while copying, while Pending), an injected sync failure; a
+#   target whose storage hangs (fsfreeze of an ext4 loop mount): Stop-Job and Remove-Job -Force stay bounded.
 # - Stop-Job and Remove-Job -Force at random instants of a running backup.
-# - kill -9 of a child pwsh at random instants of a backup, a persistent-bitmap store and a transaction commit.
+# - kill -9 of a child pwsh at random instants of a backup, a persistent-bitmap store and a transaction commit; a
+#   normal exit and Remove-Module while a backup runs.
 # - Issue 15's shadow model: random writes and zero writes on nodes whose tmpfs is filled to random levels.
 #
 # Every random choice comes from a seed printed in the test name: BITMAPBACKUP_FAULT_SEED=<n> replays one seed,
