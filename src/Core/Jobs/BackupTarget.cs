@@ -43,6 +43,12 @@ public sealed class BackupTarget : IDisposable
     /// <summary>True when a failed backup kept its partial file (<see cref="WritePath"/>).</summary>
     public bool KeptPartial { get; private set; }
 
+    /// <summary>
+    /// True when <see cref="Discard"/> kept what was copied, flushed (the partial file of a new target, or an existing
+    /// target written in place): only then may a failed "always" backup drop the copied clusters from its bitmap.
+    /// </summary>
+    public bool KeptCopiedData { get; private set; }
+
     /// <summary>A new image for a backup of <paramref name="size"/> bytes.</summary>
     public static BackupTarget CreateNew(string path, ImageFormat format, long size, BackupTargetOptions options)
     {
@@ -126,6 +132,21 @@ public sealed class BackupTarget : IDisposable
     }
 
     /// <summary>
+    /// What of <see cref="Commit"/> can fail before the rename, done early (the copy is over): data and metadata
+    /// written back and synced, and the final name still free. Throws when a step fails; the target is then not
+    /// finished and <see cref="Discard"/> removes it.
+    /// </summary>
+    public void Prepare()
+    {
+        if (_finished)
+            return;
+        Image.Flush();
+        if (Created && (File.Exists(Path) || Directory.Exists(Path)))
+            Throw.Block(ErrorIds.ImageAlreadyExists, BlockErrorCategory.ResourceExists,
+                $"Backup target '{Path}' cannot be given its name: a {(Directory.Exists(Path) ? "folder" : "file")} with that name appeared while the backup ran.", Path);
+    }
+
+    /// <summary>
     /// Make the backup durable and give it its name: data and metadata synced, the image closed, a new target renamed
     /// from its partial name, the folder synced. Throws when a step fails; the target is then not finished, and
     /// <see cref="Discard"/> still removes the partial file.
@@ -172,6 +193,7 @@ public sealed class BackupTarget : IDisposable
         if (keepPartial)
         {
             KeptPartial = Created;
+            KeptCopiedData = true;
             return;
         }
         if (Created)
