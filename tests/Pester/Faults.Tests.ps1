@@ -534,10 +534,9 @@ Describe 'The commit fails: a folder at the final name, a sync that fails' -Skip
         Assert-NextBackup -Node $n -Tag 'rename'
     }
 
-    # Defect left open: after a grouped transaction's decision each backup renames its own target, so a rename that
-    # fails after another backup of the group has committed leaves the group half done (the other backup Completed,
-    # its bitmap reset). The right behaviour is asserted; remove -Skip when the group's renames are made atomic.
-    It 'a folder created at one final name while a grouped transaction is Pending: Complete-IncrementalBackup completes all the backups or none [skipped, DEFECT: grouped renames are not atomic]' -Skip {
+    # After the group's decision each backup renames its own target, and then waits for the others' renames before it
+    # touches its bitmap: a rename that fails gives the renamed ones their partial names back (JobGroup's second barrier).
+    It 'a folder created at one final name while a grouped transaction is Pending: Complete-IncrementalBackup completes all the backups or none' {
         $nodes = @((New-FaultNode -Dir $dir -Rng $rng), (New-FaultNode -Dir $dir -Rng $rng))
         $before = @{}
         $specs = @(foreach ($n in $nodes) {
