@@ -469,7 +469,7 @@ Describe 'The export against the NBD clients' {
     }
 
     It 'an ext4 made and filled through nbdfuse, backed up incrementally while files are written, restores clean and equal to the node at each point in time' {
-        Skip-UnlessTool nbdfuse, mkfs.ext4, e2fsck, qemu-img, fsfreeze, mount, umount
+        Skip-UnlessTool nbdfuse, mkfs.ext4, e2fsck, qemu-img, fsfreeze, mount, umount, findmnt
         $dir = New-TestDirectory
         $image = Join-Path $dir 'disk.qcow2'
         $null = New-BlockImage -Path $image -Size 64MB -Confirm:$false
@@ -528,12 +528,18 @@ Describe 'The export against the NBD clients' {
             }
         }
         finally {
-            if ($writer) { $writer.Process.Kill(); $writer.Process.WaitForExit() }
-            if ($mounted) { & umount $fs 2>$null }
-            # The loop device lets go of the FUSE file shortly after the umount: retry, so that no mount is left in TestDrive.
-            $deadline = [DateTime]::UtcNow.AddSeconds(20)
-            do { & umount $fuse 2>$null; $fuseGone = $LASTEXITCODE -eq 0 -or -not (Test-Path (Join-Path $fuse 'nbd')) } while (-not $fuseGone -and [DateTime]::UtcNow -lt $deadline -and -not (Start-Sleep -Milliseconds 100))
-            if (-not $fuseGone) { & umount -l $fuse 2>$null }
+            if ($writer) { $writer.Process.Kill($true); $writer.Process.WaitForExit() } # bash and its head, which may hold a file open
+            # Unmount the file system, then the FUSE file (the loop device lets go of it shortly after): retry each, so
+            # that no mount is left in TestDrive; a lazy unmount as the last resort.
+            foreach ($mount in @(if ($mounted) { $fs }) + $fuse) {
+                $deadline = [DateTime]::UtcNow.AddSeconds(20)
+                while ($true) {
+                    & umount $mount 2>$null
+                    if ($LASTEXITCODE -eq 0 -or -not (& findmnt -n $mount)) { break }
+                    if ([DateTime]::UtcNow -gt $deadline) { & umount -l $mount 2>$null; break }
+                    Start-Sleep -Milliseconds 100
+                }
+            }
             if (-not $nbdfuse.Process.WaitForExit(10000)) { $nbdfuse.Process.Kill() }
         }
         $final = Save-NodeSnapshot -Node fsdisk -Path (Join-Path $dir 'final.raw')

@@ -34,8 +34,8 @@ public sealed class BlockExport : INodeUser
     private readonly SemaphoreSlim _slots;
     private readonly CancellationTokenSource _stop = new();
     private readonly Lock _lock = new();
-    private readonly Dictionary<NbdConnection, Task> _connections = new(); // guarded by _lock
-    private Task _acceptLoop = Task.CompletedTask;
+    private readonly HashSet<NbdConnection> _connections = new(); // guarded by _lock
+    private Thread? _acceptThread;
     private int _stopping;
     private Exception? _unexpected;
 
@@ -136,7 +136,8 @@ public sealed class BlockExport : INodeUser
             var policy = new ExportPolicy(name, options.Description, node.Size, options.Writable, options.MaxConnections > 1, bitmapNames);
             var export = new BlockExport(node, policy, [.. claimed], listener, options);
             node.AddUser(export);
-            export._acceptLoop = Task.Run(export.AcceptLoopAsync);
+            export._acceptThread = new Thread(export.AcceptLoop) { IsBackground = true, Name = $"NBD export '{name}' listener" };
+            export._acceptThread.Start();
             return export;
         }
         catch
@@ -148,14 +149,15 @@ public sealed class BlockExport : INodeUser
         }
     }
 
-    private async Task AcceptLoopAsync()
+    /// <summary>The accept thread: take clients while there is room, until the listener is closed by Stop.</summary>
+    private void AcceptLoop()
     {
         CancellationToken stopping = _stop.Token;
         while (!stopping.IsCancellationRequested)
         {
             try
             {
-                await _slots.WaitAsync(stopping).ConfigureAwait(false);
+                _slots.Wait(stopping);
             }
             catch (OperationCanceledException)
             {
@@ -164,37 +166,34 @@ public sealed class BlockExport : INodeUser
             Socket client;
             try
             {
-                client = await _listener.Socket.AcceptAsync(stopping).ConfigureAwait(false);
+                client = _listener.Socket.Accept();
             }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            catch (Exception e) when (e is ObjectDisposedException or SocketException or InvalidOperationException)
             {
                 _slots.Release();
-                if (stopping.IsCancellationRequested || e is ObjectDisposedException)
+                if (stopping.IsCancellationRequested || e is not SocketException)
                     return;
                 continue; // a connection that failed while it was accepted
             }
             if (client.AddressFamily is AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
                 client.NoDelay = true; // block-status round trips are small messages
-            Serve(new NbdConnection(this, client, stopping));
+            Serve(new NbdConnection(this, client));
         }
     }
 
     private void Serve(NbdConnection connection)
     {
         Statistics.Connected();
-        Task run;
         lock (_lock)
-        {
-            run = Task.Run(connection.RunAsync);
-            _connections[connection] = run; // before the continuation, which may run at once
-        }
-        run.ContinueWith(_ =>
+            _connections.Add(connection);
+        connection.Completion.ContinueWith(_ =>
         {
             lock (_lock)
                 _connections.Remove(connection);
             Statistics.Disconnected();
             _slots.Release();
         }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        connection.Start();
     }
 
     /// <summary>
@@ -210,15 +209,17 @@ public sealed class BlockExport : INodeUser
         lock (_lock)
             clients = _connections.Count;
         _stop.Cancel();
-        _listener.Dispose();
-        _acceptLoop.Wait();
-        KeyValuePair<NbdConnection, Task>[] connections;
+        _listener.Dispose(); // a blocked Accept fails: no new client
+        _acceptThread?.Join();
+        NbdConnection[] connections;
         lock (_lock)
             connections = [.. _connections];
-        Task all = Task.WhenAll(connections.Select(c => c.Value));
+        foreach (NbdConnection connection in connections)
+            connection.StopReading();
+        Task all = Task.WhenAll(connections.Select(c => c.Completion));
         if (!all.Wait(drainTimeout))
         {
-            foreach (NbdConnection connection in connections.Select(c => c.Key))
+            foreach (NbdConnection connection in connections)
                 connection.Abort();
             all.Wait(); // node I/O in flight completes; sends fail at once on the closed sockets
         }

@@ -1,10 +1,12 @@
 using System.Buffers;
+using System.Net.Sockets;
 
 namespace BitmapBackup.Core.Export;
 
 /*
- * The option loop, one option at a time, each read whole (its length is checked against the 64 KiB cap before
- * anything is read or allocated) and answered before the next is read. What each option gets (QEMU's answers and
+ * The option loop, on the connection's reader thread, one option at a time, each read whole (its length is checked
+ * against the 64 KiB cap before anything is read or allocated) and answered before the next is read; every receive
+ * and send gets what is left of the handshake timeout. What each option gets (QEMU's answers and
  * texts, checked against qemu-nbd 7.2 with the research note's prober):
  *
  *   EXPORT_NAME          known: size, flags (+124 zeros without NO_ZEROES), transmission; unknown: close
@@ -38,15 +40,18 @@ internal sealed partial class NbdConnection
     private NbdTransmissionFlags _transmissionFlags;
 
     /// <summary>Run the handshake; true when the client entered the transmission phase.</summary>
-    private async Task<bool> HandshakeAsync(CancellationToken cancellation)
+    private bool Handshake()
     {
         const NbdHandshakeFlags offered = NbdHandshakeFlags.FixedNewstyle | NbdHandshakeFlags.NoZeroes;
+        DateTime deadline = DateTime.UtcNow + _export.HandshakeTimeout;
         byte[] greeting = new byte[NbdMagic.GreetingLength];
         NbdHandshakeCodec.WriteGreeting(greeting, offered);
-        await SendHandshakeAsync(greeting, cancellation).ConfigureAwait(false);
+        if (!Within(deadline))
+            return false;
+        SendHandshake(greeting);
 
         byte[] header = new byte[NbdMagic.OptionHeaderLength];
-        if (!await _reader.ReadExactlyAsync(header.AsMemory(0, 4), cancellation).ConfigureAwait(false))
+        if (!Within(deadline) || !_reader.ReadExactly(header.AsSpan(0, 4)))
             return false;
         if (!NbdHandshakeCodec.TryReadClientFlags(header, offered, out NbdHandshakeFlags clientFlags))
             return false;
@@ -55,7 +60,7 @@ internal sealed partial class NbdConnection
 
         while (true)
         {
-            if (!await _reader.ReadExactlyAsync(header, cancellation).ConfigureAwait(false))
+            if (!Within(deadline) || !_reader.ReadExactly(header))
                 return false;
             if (!NbdHandshakeCodec.TryReadOptionHeader(header, out NbdOptionHeader option))
                 return false;
@@ -66,11 +71,27 @@ internal sealed partial class NbdConnection
             byte[] data = ArrayPool<byte>.Shared.Rent((int)option.Length);
             try
             {
-                if (!await _reader.ReadExactlyAsync(data.AsMemory(0, (int)option.Length), cancellation).ConfigureAwait(false))
+                if (!Within(deadline) || !_reader.ReadExactly(data.AsSpan(0, (int)option.Length)))
                     return false;
-                OptionOutcome outcome = await HandleOptionAsync(option.Option, data.AsMemory(0, (int)option.Length), cancellation).ConfigureAwait(false);
+                var replies = new List<byte[]>();
+                OptionOutcome outcome = Answer(option.Option, data.AsSpan(0, (int)option.Length), replies);
+                if (!Within(deadline))
+                    return false;
+                try
+                {
+                    foreach (byte[] reply in replies)
+                        SendHandshake(reply);
+                }
+                catch (SocketException) when (outcome == OptionOutcome.Close)
+                {
+                    // the client closed first after ABORT: tolerated
+                }
                 if (outcome != OptionOutcome.Continue)
+                {
+                    _socket.ReceiveTimeout = 0;
+                    _socket.SendTimeout = 0;
                     return outcome == OptionOutcome.Transmission;
+                }
             }
             finally
             {
@@ -79,23 +100,15 @@ internal sealed partial class NbdConnection
         }
     }
 
-    private async Task<OptionOutcome> HandleOptionAsync(uint option, ReadOnlyMemory<byte> data, CancellationToken cancellation)
+    /// <summary>Give the next receive or send what is left of the handshake's time; false when none is left or the export stops.</summary>
+    private bool Within(DateTime deadline)
     {
-        var replies = new List<byte[]>();
-        OptionOutcome outcome = Answer(option, data.Span, replies);
-        byte[] all = replies.Count == 1 ? replies[0] : [.. replies.SelectMany(r => r)];
-        if (all.Length > 0)
-        {
-            try
-            {
-                await SendHandshakeAsync(all, cancellation).ConfigureAwait(false);
-            }
-            catch (Exception e) when (outcome == OptionOutcome.Close && e is System.Net.Sockets.SocketException or ObjectDisposedException)
-            {
-                // the client closed first after ABORT: tolerated
-            }
-        }
-        return outcome;
+        int left = (int)Math.Ceiling((deadline - DateTime.UtcNow).TotalMilliseconds);
+        if (left <= 0)
+            return false;
+        _socket.ReceiveTimeout = left;
+        _socket.SendTimeout = left;
+        return true;
     }
 
     /// <summary>Decide the answer to one option: the replies to send and what happens next.</summary>

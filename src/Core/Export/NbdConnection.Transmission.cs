@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using BitmapBackup.Core.Bitmaps;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Nodes;
@@ -9,15 +10,16 @@ namespace BitmapBackup.Core.Export;
  * place) → execute (a switch that calls the node and nothing else) → encode the reply (NbdTransmissionCodec) under
  * the send lock.
  *
- * Reader loop (one per connection, in stream order):
+ * Reader thread (one per connection, in stream order):
  *   header     28 bytes; wrong magic: close without a reply (the stream cannot be trusted any more)
  *   DISC       stop reading; the requests in flight finish and reply; close
  *   check      a WRITE above 32 MiB: EINVAL, then close; any other refusal: its error, after a refused WRITE's
  *              payload has been read and dropped through the 64 KiB buffer (nothing allocated for it)
  *   admit      wait for room among the requests in flight (MaxRequestsInFlight, MaxBytesInFlight)
  *   payload    a WRITE's payload into a pooled buffer; a client that leaves mid-payload had nothing written
- *   run        BLOCK_STATUS and CACHE right here (metadata only, no data I/O); READ, WRITE, WRITE_ZEROES, TRIM, FLUSH
- *              on the thread pool, so replies may go out of order
+ *   run        BLOCK_STATUS and CACHE right here, answered at once (metadata only, no data I/O); READ, WRITE,
+ *              WRITE_ZEROES, TRIM, FLUSH on the thread pool, their replies queued for the writer thread, so replies
+ *              may go out of order
  *
  * Semantics (QEMU's, through the node's one write path: write gate, copy-before-write of a running backup, every
  * recording bitmap marked even when the write fails):
@@ -37,20 +39,13 @@ namespace BitmapBackup.Core.Export;
  */
 internal sealed partial class NbdConnection
 {
-    private async Task TransmissionAsync()
+    private void Transmission()
     {
         byte[] header = new byte[NbdMagic.RequestLength];
-        while (!_broken)
+        while (!_broken && !_stopping)
         {
-            try
-            {
-                if (!await _reader.ReadExactlyAsync(header, _stopping).ConfigureAwait(false))
-                    return;
-            }
-            catch (OperationCanceledException)
-            {
-                return; // the export is stopping: no new request
-            }
+            if (!_reader.ReadExactly(header) || _stopping)
+                return;
             if (!NbdTransmissionCodec.TryReadRequest(header, out NbdRequest request))
                 return;
             if (request.Command == NbdCommand.Disconnect)
@@ -59,23 +54,17 @@ internal sealed partial class NbdConnection
             RequestVerdict verdict = Policy.Validate(request, _structuredReplies, _contexts.Count > 0);
             if (verdict.Disconnect)
             {
-                await ReplyErrorAsync(request, verdict.Error, verdict.Message!).ConfigureAwait(false);
+                ReplyError(request, verdict.Error, verdict.Message!);
                 return;
             }
             long bytes = verdict.IsAccepted && request.Command is NbdCommand.Read or NbdCommand.Write ? request.Length : 0;
-            try
-            {
-                await AdmitAsync(bytes, _stopping).ConfigureAwait(false);
-            }
-            catch (OperationCanceledException)
-            {
+            if (!Admit(bytes))
                 return;
-            }
             if (!verdict.IsAccepted)
             {
-                bool inSync = request.Command != NbdCommand.Write || await SkipPayloadAsync(request.Length).ConfigureAwait(false);
+                bool inSync = request.Command != NbdCommand.Write || _reader.Skip(request.Length);
                 if (inSync)
-                    await ReplyErrorAsync(request, verdict.Error, verdict.Message!).ConfigureAwait(false);
+                    ReplyError(request, verdict.Error, verdict.Message!);
                 Complete(bytes);
                 if (!inSync)
                     return;
@@ -85,7 +74,18 @@ internal sealed partial class NbdConnection
             if (request.Command == NbdCommand.Write && request.Length > 0)
             {
                 payload = _export.Buffers.Rent((int)request.Length);
-                if (!await ReadPayloadAsync(payload, (int)request.Length).ConfigureAwait(false))
+                bool whole;
+                try
+                {
+                    whole = _reader.ReadExactly(payload.AsSpan(0, (int)request.Length));
+                }
+                catch
+                {
+                    _export.Buffers.Return(payload);
+                    Complete(bytes);
+                    throw;
+                }
+                if (!whole)
                 {
                     _export.Buffers.Return(payload);
                     Complete(bytes);
@@ -93,39 +93,34 @@ internal sealed partial class NbdConnection
                 }
             }
             if (request.Command is NbdCommand.BlockStatus or NbdCommand.Cache)
-                await ExecuteAsync(request, payload, bytes).ConfigureAwait(false);
+                Execute(new Work(this, request, payload, bytes));
             else
-                _ = Task.Run(() => ExecuteAsync(request, payload, bytes));
+                ThreadPool.UnsafeQueueUserWorkItem(new Work(this, request, payload, bytes), preferLocal: false);
         }
     }
 
-    private async ValueTask<bool> ReadPayloadAsync(byte[] payload, int length)
+    /// <summary>One admitted request, run on the thread pool (or inline by the reader for metadata requests).</summary>
+    private sealed class Work(NbdConnection connection, NbdRequest request, byte[]? payload, long bytes) : IThreadPoolWorkItem
     {
-        try
-        {
-            return await _reader.ReadExactlyAsync(payload.AsMemory(0, length), _stopping).ConfigureAwait(false);
-        }
-        catch (OperationCanceledException)
-        {
-            return false;
-        }
+        public NbdConnection Connection { get; } = connection;
+        public NbdRequest Request { get; } = request;
+        public byte[]? Payload { get; } = payload;
+        public long Bytes { get; } = bytes;
+
+        public void Execute() => Connection.Execute(this);
     }
 
-    private async ValueTask<bool> SkipPayloadAsync(uint length)
+    /// <summary>
+    /// Run one admitted request and answer it; never throws. The answer is queued for the writer thread (which frees
+    /// the request's room once it is sent), or, on the reader thread, sent at once.
+    /// </summary>
+    private void Execute(Work work)
     {
-        try
-        {
-            return await _reader.SkipAsync(length, _stopping).ConfigureAwait(false);
-        }
-        catch (OperationCanceledException)
-        {
-            return false;
-        }
-    }
-
-    /// <summary>Run one admitted request and reply; never throws. Returns the payload buffer and releases the request's room.</summary>
-    private async Task ExecuteAsync(NbdRequest request, byte[]? payload, long bytes)
-    {
+        NbdRequest request = work.Request;
+        bool inline = request.Command is NbdCommand.BlockStatus or NbdCommand.Cache;
+        byte[]? data = null;
+        int dataLength = 0;
+        byte[] header;
         try
         {
             BlockNode node = _export.Node;
@@ -133,14 +128,15 @@ internal sealed partial class NbdConnection
             switch (request.Command)
             {
                 case NbdCommand.Read:
-                    await ReadAsync(node, request).ConfigureAwait(false);
-                    return;
+                    header = Read(node, request, out data, out dataLength);
+                    break;
                 case NbdCommand.Write:
-                    if (payload is not null)
-                        node.Write((long)request.Offset, payload.AsSpan(0, (int)request.Length));
+                    if (work.Payload is not null)
+                        node.Write((long)request.Offset, work.Payload.AsSpan(0, (int)request.Length));
                     if (fua)
                         node.Flush();
                     _export.Statistics.AddWritten(request.Length);
+                    header = SimpleReply(request.Cookie);
                     break;
                 case NbdCommand.WriteZeroes:
                 case NbdCommand.Trim:
@@ -148,78 +144,95 @@ internal sealed partial class NbdConnection
                         node.WriteZeroes((long)request.Offset, request.Length);
                     if (fua)
                         node.Flush();
+                    header = SimpleReply(request.Cookie);
                     break;
                 case NbdCommand.Flush:
                     node.Flush();
-                    break;
-                case NbdCommand.Cache:
+                    header = SimpleReply(request.Cookie);
                     break;
                 case NbdCommand.BlockStatus:
-                    await BlockStatusAsync(node, request).ConfigureAwait(false);
-                    return;
+                    header = BlockStatus(node, request);
+                    break;
+                default: // CACHE: a hint
+                    header = SimpleReply(request.Cookie);
+                    break;
             }
-            await ReplyOkAsync(request.Cookie).ConfigureAwait(false);
         }
-        catch (BlockException e)
+        catch (Exception e)
         {
-            await ReplyErrorAsync(request, ExportPolicy.ErrorFor(e), e.Message).ConfigureAwait(false);
-        }
-        catch (Exception e) when (e is IOException or ObjectDisposedException or InvalidOperationException)
-        {
-            await ReplyErrorAsync(request, NbdError.Io, e.Message).ConfigureAwait(false);
+            if (e is not (BlockException or IOException or ObjectDisposedException))
+                _export.RecordUnexpected(e); // a defect: answered as EIO, the connection goes on
+            if (data is not null)
+                _export.Buffers.Return(data);
+            data = null;
+            dataLength = 0;
+            header = ErrorReply(request, e is BlockException be ? ExportPolicy.ErrorFor(be) : NbdError.Io, e.Message);
         }
         finally
         {
-            if (payload is not null)
-                _export.Buffers.Return(payload);
-            Complete(bytes);
+            if (work.Payload is not null)
+                _export.Buffers.Return(work.Payload);
+        }
+        if (inline)
+        {
+            SendReply(header);
+            Complete(work.Bytes);
+        }
+        else
+        {
+            QueueReply(new Reply(header, data, dataLength, work.Bytes));
         }
     }
 
-    private async ValueTask ReadAsync(BlockNode node, NbdRequest request)
+    /// <summary>
+    /// Read the range; the reply's header, and its data in a pooled buffer (null for a hole or an empty read). Structured:
+    /// one OFFSET_HOLE chunk when the data is all zeros and DF is not set, else one OFFSET_DATA chunk; simple: the reply
+    /// header, then the data; length 0: NONE (structured) or no data.
+    /// </summary>
+    private byte[] Read(BlockNode node, NbdRequest request, out byte[]? data, out int dataLength)
     {
+        data = null;
+        dataLength = 0;
         int length = (int)request.Length;
         if (length == 0)
         {
-            byte[] empty = new byte[_structuredReplies ? NbdMagic.ChunkHeaderLength : NbdMagic.SimpleReplyLength];
-            if (_structuredReplies)
-                NbdTransmissionCodec.WriteNoneChunk(empty, request.Cookie);
-            else
-                NbdTransmissionCodec.WriteSimpleReply(empty, NbdError.None, request.Cookie);
-            await SendReplyAsync(empty).ConfigureAwait(false);
-            return;
+            if (!_structuredReplies)
+                return SimpleReply(request.Cookie);
+            byte[] none = new byte[NbdMagic.ChunkHeaderLength];
+            NbdTransmissionCodec.WriteNoneChunk(none, request.Cookie);
+            return none;
         }
         byte[] buffer = _export.Buffers.Rent(length);
         try
         {
             node.Read((long)request.Offset, buffer.AsSpan(0, length));
-            _export.Statistics.AddRead(length);
-            if (!_structuredReplies)
-            {
-                byte[] simple = new byte[NbdMagic.SimpleReplyLength];
-                NbdTransmissionCodec.WriteSimpleReply(simple, NbdError.None, request.Cookie);
-                await SendReplyAsync(simple, buffer.AsMemory(0, length)).ConfigureAwait(false);
-            }
-            else if ((request.Flags & NbdCommandFlags.DontFragment) == 0 && !buffer.AsSpan(0, length).ContainsAnyExcept((byte)0))
-            {
-                byte[] hole = new byte[NbdTransmissionCodec.OffsetHoleLength];
-                NbdTransmissionCodec.WriteOffsetHole(hole, done: true, request.Cookie, request.Offset, request.Length);
-                await SendReplyAsync(hole).ConfigureAwait(false);
-            }
-            else
-            {
-                byte[] prefix = new byte[NbdTransmissionCodec.OffsetDataPrefixLength];
-                NbdTransmissionCodec.WriteOffsetDataPrefix(prefix, done: true, request.Cookie, request.Offset, length);
-                await SendReplyAsync(prefix, buffer.AsMemory(0, length)).ConfigureAwait(false);
-            }
         }
-        finally
+        catch
         {
             _export.Buffers.Return(buffer);
+            throw;
         }
+        _export.Statistics.AddRead(length);
+        if (!_structuredReplies)
+        {
+            (data, dataLength) = (buffer, length);
+            return SimpleReply(request.Cookie);
+        }
+        if ((request.Flags & NbdCommandFlags.DontFragment) == 0 && !buffer.AsSpan(0, length).ContainsAnyExcept((byte)0))
+        {
+            _export.Buffers.Return(buffer);
+            byte[] hole = new byte[NbdTransmissionCodec.OffsetHoleLength];
+            NbdTransmissionCodec.WriteOffsetHole(hole, done: true, request.Cookie, request.Offset, request.Length);
+            return hole;
+        }
+        (data, dataLength) = (buffer, length);
+        byte[] prefix = new byte[NbdTransmissionCodec.OffsetDataPrefixLength];
+        NbdTransmissionCodec.WriteOffsetDataPrefix(prefix, done: true, request.Cookie, request.Offset, length);
+        return prefix;
     }
 
-    private async ValueTask BlockStatusAsync(BlockNode node, NbdRequest request)
+    /// <summary>One BLOCK_STATUS chunk per selected context, DONE on the last.</summary>
+    private byte[] BlockStatus(BlockNode node, NbdRequest request)
     {
         bool one = (request.Flags & NbdCommandFlags.ReqOne) != 0;
         int max = one ? 1 : ExportPolicy.MaxExtentsPerChunk;
@@ -246,28 +259,31 @@ internal sealed partial class NbdConnection
         byte[] reply = new byte[total];
         int at = 0;
         for (int i = 0; i < chunks.Count; i++)
-            at += NbdTransmissionCodec.WriteBlockStatusChunk(reply.AsSpan(at), done: i == chunks.Count - 1, request.Cookie, chunks[i].Id, chunks[i].Extents.ToArray());
-        await SendReplyAsync(reply).ConfigureAwait(false);
+            at += NbdTransmissionCodec.WriteBlockStatusChunk(reply.AsSpan(at), done: i == chunks.Count - 1, request.Cookie, chunks[i].Id, CollectionsMarshal.AsSpan(chunks[i].Extents));
+        return reply;
     }
 
-    private ValueTask ReplyOkAsync(ulong cookie)
+    private static byte[] SimpleReply(ulong cookie)
     {
         byte[] reply = new byte[NbdMagic.SimpleReplyLength];
         NbdTransmissionCodec.WriteSimpleReply(reply, NbdError.None, cookie);
-        return SendReplyAsync(reply);
+        return reply;
     }
 
     /// <summary>An error: an ERROR chunk once structured replies are on (QEMU sends them for every command), else a simple reply.</summary>
-    private ValueTask ReplyErrorAsync(in NbdRequest request, NbdError error, string message)
+    private byte[] ErrorReply(in NbdRequest request, NbdError error, string message)
     {
         if (_structuredReplies)
         {
             byte[] chunk = new byte[NbdTransmissionCodec.ErrorChunkLength(message)];
             NbdTransmissionCodec.WriteErrorChunk(chunk, done: true, request.Cookie, error, message);
-            return SendReplyAsync(chunk);
+            return chunk;
         }
         byte[] reply = new byte[NbdMagic.SimpleReplyLength];
         NbdTransmissionCodec.WriteSimpleReply(reply, error, request.Cookie);
-        return SendReplyAsync(reply);
+        return reply;
     }
+
+    /// <summary>Answer a refused request at once, on the reader thread.</summary>
+    private void ReplyError(in NbdRequest request, NbdError error, string message) => SendReply(ErrorReply(request, error, message));
 }

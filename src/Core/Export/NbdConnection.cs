@@ -3,30 +3,38 @@ using System.Net.Sockets;
 namespace BitmapBackup.Core.Export;
 
 /*
- * One client of an export, from accept to close:
+ * One client of an export, from accept to close, on two threads of its own and the thread pool:
  *
- *   handshake   greeting, client flags, options one at a time (NbdConnection.Handshake.cs), all within the export's
- *               handshake timeout (10 s: a client that connects and never negotiates is dropped, CVE-2024-7409);
- *   transmission  one reader loop reads requests in stream order; each is checked (ExportPolicy.Validate), its WRITE
- *               payload read, and it runs on the thread pool, so several are in flight and their replies may go
- *               out of order (NbdConnection.Transmission.cs);
- *   close       on DISC, end of stream, a broken stream, or the export stopping: no new request is read, the requests
- *               in flight finish and reply, then the socket closes.
+ *   reader thread  the handshake (NbdConnection.Handshake.cs: greeting, client flags, options one at a time, all
+ *                  within the handshake timeout, 10 s: a client that connects and never negotiates is dropped,
+ *                  CVE-2024-7409), then the requests in stream order (NbdConnection.Transmission.cs): each is checked
+ *                  (ExportPolicy.Validate) and its WRITE payload read; BLOCK_STATUS, CACHE and refusals are answered
+ *                  right there (a metadata round trip costs one wake-up, as in qemu-nbd's coroutines);
+ *   thread pool    READ, WRITE, WRITE_ZEROES, TRIM and FLUSH run the node's I/O there, several at once, and queue
+ *                  their replies, which may go out of order;
+ *   writer thread  sends the queued replies. Sockets are used blocking, on these two threads only: a pool thread
+ *                  never waits for a client, and the kernel wakes the reader and the writer directly.
+ *   close          on DISC, end of stream, a broken stream, or the export stopping (StopReading shuts the socket's
+ *                  receiving side): no new request is read, the requests in flight finish and their replies are sent
+ *                  (the drain), then the socket closes.
  *
  * Bounds that keep a hostile or slow client from hurting anyone else: option data above 64 KiB and requests above
- * 32 MiB are refused before anything is allocated; at most MaxRequestsInFlight requests and MaxBytesInFlight bytes
- * of buffers (or one request alone, up to 32 MiB) are in flight per connection, buffers come from the export's pool;
- * a client that stops reading its replies blocks only its own connection (sends are asynchronous, each connection has
- * its own send lock), and Stop ends it by closing its socket after the drain timeout.
+ * 32 MiB are refused before anything is allocated; at most MaxRequestsInFlight requests and MaxBytesInFlight bytes of
+ * buffers (or one request alone, up to 32 MiB) are in flight per connection, counted until their reply is sent, and
+ * buffers come from the export's pool; a client that stops reading its replies blocks only its own writer thread, and
+ * Stop ends it by closing its socket after the drain timeout (Abort).
  *
- * Nothing acknowledged is lost when a client goes away: a write is replied to only after BlockNode.Write returned
- * (and, with FUA, after BlockNode.Flush), and a connection always waits for the node I/O it started before it ends.
+ * Nothing acknowledged is lost when a client goes away: a write is replied to only after BlockNode.Write returned (and,
+ * with FUA, after BlockNode.Flush), and a connection always waits for the node I/O it started before it ends.
+ *
+ * Sockets stay in blocking mode (no async operation is ever issued on them: .NET would switch the descriptor to
+ * non-blocking for good and route every later blocking call through its event loop, one more wake-up per call).
  */
 
 /// <summary>One NBD client connection of a <see cref="BlockExport"/>.</summary>
 internal sealed partial class NbdConnection
 {
-    /// <summary>Requests of one connection executing at once.</summary>
+    /// <summary>Requests of one connection in flight (received, not yet answered).</summary>
     public const int MaxRequestsInFlight = 16;
 
     /// <summary>Buffer bytes of one connection in flight (a single larger request, up to 32 MiB, runs alone).</summary>
@@ -35,42 +43,51 @@ internal sealed partial class NbdConnection
     private readonly BlockExport _export;
     private readonly Socket _socket;
     private readonly SocketReader _reader;
-    private readonly CancellationToken _stopping;
-    private readonly SemaphoreSlim _sendLock = new(1, 1);
+    private readonly Lock _sendLock = new();
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    // Guarded by _flightLock.
-    private readonly Lock _flightLock = new();
+    // Guarded by _flightLock (Monitor: the reader waits on it for room, and for the drain).
+    private readonly object _flightLock = new();
+    private readonly Queue<Reply> _replies = new();
     private int _inFlight;
     private long _inFlightBytes;
-    private TaskCompletionSource? _flightChanged;
+    private bool _noMoreReplies;
 
-    private volatile bool _broken; // a send failed: the peer is gone or the socket was closed
+    private volatile bool _stopping; // Stop: read no more requests
+    private volatile bool _broken;   // a send failed, or Abort: the peer is gone or the socket is closed
 
-    public NbdConnection(BlockExport export, Socket socket, CancellationToken stopping)
+    public NbdConnection(BlockExport export, Socket socket)
     {
         _export = export;
         _socket = socket;
-        _stopping = stopping;
         _reader = new SocketReader(socket);
     }
 
+    /// <summary>Completes when the connection has ended, its node I/O included.</summary>
+    public Task Completion => _completion.Task;
+
     private ExportPolicy Policy => _export.Policy;
 
-    /// <summary>Serve the client until it leaves or the export stops. Never throws.</summary>
-    public async Task RunAsync()
+    /// <summary>Serve the client on a thread of its own until it leaves or the export stops.</summary>
+    public void Start()
     {
+        var thread = new Thread(Run) { IsBackground = true, Name = $"NBD export '{_export.Name}' reader" };
+        thread.Start();
+    }
+
+    private void Run()
+    {
+        Thread? writer = null;
         try
         {
-            bool transmission;
-            using (var handshake = CancellationTokenSource.CreateLinkedTokenSource(_stopping))
+            if (Handshake())
             {
-                handshake.CancelAfter(_export.HandshakeTimeout);
-                transmission = await HandshakeAsync(handshake.Token).ConfigureAwait(false);
+                writer = new Thread(WriteReplies) { IsBackground = true, Name = $"NBD export '{_export.Name}' writer" };
+                writer.Start();
+                Transmission();
             }
-            if (transmission)
-                await TransmissionAsync().ConfigureAwait(false);
         }
-        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException or OperationCanceledException)
+        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
         {
             // the client left, broke the stream, timed out in the handshake, or the export is stopping
         }
@@ -80,24 +97,48 @@ internal sealed partial class NbdConnection
         }
         finally
         {
-            await DrainAsync().ConfigureAwait(false); // node I/O started for this client ends before the connection does
+            Drain(); // node I/O started for this client ends, and its replies are sent, before the connection does
+            lock (_flightLock)
+            {
+                _noMoreReplies = true;
+                Monitor.PulseAll(_flightLock);
+            }
+            writer?.Join();
             Close();
+            _completion.TrySetResult();
         }
     }
 
-    /// <summary>End the connection at once (Stop after its drain timeout): pending sends and receives fail.</summary>
+    /// <summary>Stop reading requests (Stop): the requests in flight still finish and reply.</summary>
+    public void StopReading()
+    {
+        _stopping = true;
+        try
+        {
+            _socket.Shutdown(SocketShutdown.Receive); // wakes a reader blocked in a receive
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+        }
+        lock (_flightLock)
+            Monitor.PulseAll(_flightLock);
+    }
+
+    /// <summary>End the connection at once (Stop, after its drain timeout): sends in progress fail, replies not sent are dropped.</summary>
     public void Abort()
     {
         _broken = true;
+        _stopping = true;
         Close();
+        lock (_flightLock)
+            Monitor.PulseAll(_flightLock);
     }
 
     private void Close()
     {
         try
         {
-            if (_socket.Connected)
-                _socket.Shutdown(SocketShutdown.Both);
+            _socket.Shutdown(SocketShutdown.Both);
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
@@ -107,49 +148,68 @@ internal sealed partial class NbdConnection
 
     #region Sending
 
-    /// <summary>Send bytes during the handshake (one option's replies at a time).</summary>
-    private async ValueTask SendHandshakeAsync(ReadOnlyMemory<byte> data, CancellationToken cancellation)
+    /// <summary>A reply waiting for the writer: header, optional data (a pooled buffer returned once sent) and the room it frees.</summary>
+    private readonly record struct Reply(byte[] Header, byte[]? Data, int DataLength, long Bytes);
+
+    /// <summary>Send bytes during the handshake (the reader thread; the socket's send timeout bounds it).</summary>
+    private void SendHandshake(ReadOnlySpan<byte> data)
     {
         while (!data.IsEmpty)
-        {
-            int n = await _socket.SendAsync(data, SocketFlags.None, cancellation).ConfigureAwait(false);
-            data = data[n..];
-        }
+            data = data[_socket.Send(data, SocketFlags.None)..];
     }
 
     /// <summary>
-    /// Send one reply whole (header, then optional data) under the send lock, so replies of requests in flight
-    /// never interleave. A failure marks the connection broken and is not thrown: the requester has gone.
+    /// Send one reply whole (header, then data) under the send lock, so replies never interleave. A failure marks the
+    /// connection broken and is not thrown: the requester has gone.
     /// </summary>
-    private async ValueTask SendReplyAsync(ReadOnlyMemory<byte> header, ReadOnlyMemory<byte> data = default)
+    private void SendReply(ReadOnlySpan<byte> header, ReadOnlySpan<byte> data = default)
     {
         if (_broken)
             return;
-        await _sendLock.WaitAsync().ConfigureAwait(false);
-        try
+        lock (_sendLock)
         {
-            if (_broken)
-                return;
-            await SendAllAsync(header).ConfigureAwait(false);
-            if (!data.IsEmpty)
-                await SendAllAsync(data).ConfigureAwait(false);
-        }
-        catch (Exception e) when (e is SocketException or ObjectDisposedException or IOException)
-        {
-            _broken = true;
-        }
-        finally
-        {
-            _sendLock.Release();
+            try
+            {
+                while (!header.IsEmpty)
+                    header = header[_socket.Send(header, SocketFlags.None)..];
+                while (!data.IsEmpty)
+                    data = data[_socket.Send(data, SocketFlags.None)..];
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+                _broken = true;
+            }
         }
     }
 
-    private async ValueTask SendAllAsync(ReadOnlyMemory<byte> data)
+    /// <summary>Hand a reply to the writer thread (thread-pool workers); the request's room is freed once it is sent.</summary>
+    private void QueueReply(Reply reply)
     {
-        while (!data.IsEmpty)
+        lock (_flightLock)
         {
-            int n = await _socket.SendAsync(data, SocketFlags.None).ConfigureAwait(false);
-            data = data[n..];
+            _replies.Enqueue(reply);
+            Monitor.PulseAll(_flightLock);
+        }
+    }
+
+    /// <summary>The writer thread: send queued replies until the connection ends.</summary>
+    private void WriteReplies()
+    {
+        while (true)
+        {
+            Reply reply;
+            lock (_flightLock)
+            {
+                while (_replies.Count == 0 && !_noMoreReplies)
+                    Monitor.Wait(_flightLock);
+                if (_replies.Count == 0)
+                    return;
+                reply = _replies.Dequeue();
+            }
+            SendReply(reply.Header, reply.Data.AsSpan(0, reply.DataLength));
+            if (reply.Data is not null)
+                _export.Buffers.Return(reply.Data);
+            Complete(reply.Bytes);
         }
     }
 
@@ -157,55 +217,46 @@ internal sealed partial class NbdConnection
 
     #region Requests in flight
 
-    /// <summary>Wait until a request of <paramref name="bytes"/> may start (see the limits above), and count it.</summary>
-    private async ValueTask AdmitAsync(long bytes, CancellationToken cancellation)
+    /// <summary>
+    /// Wait until a request of <paramref name="bytes"/> may start (see the limits above), and count it. False when the
+    /// connection is stopping or broken meanwhile.
+    /// </summary>
+    private bool Admit(long bytes)
     {
-        while (true)
+        lock (_flightLock)
         {
-            Task changed;
-            lock (_flightLock)
+            while (!(_inFlight == 0 || (_inFlight < MaxRequestsInFlight && _inFlightBytes + bytes <= MaxBytesInFlight)))
             {
-                if (_inFlight == 0 || (_inFlight < MaxRequestsInFlight && _inFlightBytes + bytes <= MaxBytesInFlight))
-                {
-                    _inFlight++;
-                    _inFlightBytes += bytes;
-                    return;
-                }
-                _flightChanged ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-                changed = _flightChanged.Task;
+                if (_stopping || _broken)
+                    return false;
+                Monitor.Wait(_flightLock);
             }
-            await changed.WaitAsync(cancellation).ConfigureAwait(false);
+            if (_stopping || _broken)
+                return false;
+            _inFlight++;
+            _inFlightBytes += bytes;
+            return true;
         }
     }
 
-    /// <summary>A request admitted with <see cref="AdmitAsync"/> has replied (or failed to).</summary>
+    /// <summary>A request admitted with <see cref="Admit"/> has been answered (or could not be).</summary>
     private void Complete(long bytes)
     {
-        TaskCompletionSource? changed;
         lock (_flightLock)
         {
             _inFlight--;
             _inFlightBytes -= bytes;
-            changed = _flightChanged;
-            _flightChanged = null;
+            Monitor.PulseAll(_flightLock);
         }
-        changed?.TrySetResult();
     }
 
     /// <summary>Wait until no request is in flight.</summary>
-    private async Task DrainAsync()
+    private void Drain()
     {
-        while (true)
+        lock (_flightLock)
         {
-            Task changed;
-            lock (_flightLock)
-            {
-                if (_inFlight == 0)
-                    return;
-                _flightChanged ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-                changed = _flightChanged.Task;
-            }
-            await changed.ConfigureAwait(false);
+            while (_inFlight > 0)
+                Monitor.Wait(_flightLock);
         }
     }
 

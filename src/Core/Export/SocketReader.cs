@@ -3,10 +3,11 @@ using System.Net.Sockets;
 namespace BitmapBackup.Core.Export;
 
 /// <summary>
-/// Exact-length reads from a stream socket. A client may split one message over many sends or pack many messages
-/// into one, so messages are read by length, never "one receive = one message". Small reads (headers) come from a
-/// buffer that one receive fills with whatever has arrived, so pipelined requests cost one system call for many;
-/// a large read (a WRITE payload) is received straight into its destination. Not thread-safe: one reader loop.
+/// Exact-length blocking reads from a stream socket, for a connection's reader thread. A client may split one
+/// message over many sends or pack many messages into one, so messages are read by length, never "one receive = one
+/// message". Small reads (headers) come from a buffer that one receive fills with whatever has arrived, so pipelined
+/// requests cost one system call for many; a large read (a WRITE payload) is received straight into its destination.
+/// Not thread-safe: one reader thread.
 /// </summary>
 internal sealed class SocketReader(Socket socket, int bufferSize = 64 << 10)
 {
@@ -15,56 +16,53 @@ internal sealed class SocketReader(Socket socket, int bufferSize = 64 << 10)
     private int _end;
 
     /// <summary>
-    /// Fill <paramref name="destination"/>. Returns false when the peer closed the connection first (before or in
-    /// the middle of the message). Throws OperationCanceledException when <paramref name="cancellation"/> fires and
-    /// SocketException when the connection fails.
+    /// Fill <paramref name="destination"/>. Returns false when the peer closed the connection (or its receiving side
+    /// was shut down) first, before or in the middle of the message. Throws SocketException when the connection fails
+    /// or the socket's receive timeout passes.
     /// </summary>
-    public async ValueTask<bool> ReadExactlyAsync(Memory<byte> destination, CancellationToken cancellation)
+    public bool ReadExactly(Span<byte> destination)
     {
-        int done = TakeBuffered(destination.Span);
+        int done = TakeBuffered(destination);
         while (done < destination.Length)
         {
             int remaining = destination.Length - done;
             if (remaining >= _buffer.Length / 2)
             {
-                int n = await socket.ReceiveAsync(destination[done..], SocketFlags.None, cancellation).ConfigureAwait(false);
+                int n = socket.Receive(destination[done..], SocketFlags.None);
                 if (n == 0)
                     return false;
                 done += n;
             }
             else
             {
-                int n = await socket.ReceiveAsync(_buffer.AsMemory(), SocketFlags.None, cancellation).ConfigureAwait(false);
-                if (n == 0)
+                if (!Fill())
                     return false;
-                _start = 0;
-                _end = n;
-                done += TakeBuffered(destination.Span[done..]);
+                done += TakeBuffered(destination[done..]);
             }
         }
         return true;
     }
 
     /// <summary>Read and drop <paramref name="count"/> bytes (the payload of a refused WRITE) through the buffer, allocating nothing.</summary>
-    public async ValueTask<bool> SkipAsync(long count, CancellationToken cancellation)
+    public bool Skip(long count)
     {
         while (count > 0)
         {
-            int buffered = _end - _start;
-            if (buffered == 0)
-            {
-                int n = await socket.ReceiveAsync(_buffer.AsMemory(), SocketFlags.None, cancellation).ConfigureAwait(false);
-                if (n == 0)
-                    return false;
-                _start = 0;
-                _end = n;
-                buffered = n;
-            }
-            int take = (int)Math.Min(buffered, count);
+            if (_end == _start && !Fill())
+                return false;
+            int take = (int)Math.Min(_end - _start, count);
             _start += take;
             count -= take;
         }
         return true;
+    }
+
+    private bool Fill()
+    {
+        int n = socket.Receive(_buffer, SocketFlags.None);
+        _start = 0;
+        _end = n;
+        return n > 0;
     }
 
     private int TakeBuffered(Span<byte> destination)
