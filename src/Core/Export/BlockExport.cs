@@ -186,14 +186,16 @@ public sealed class BlockExport : INodeUser
         Statistics.Connected();
         lock (_lock)
             _connections.Add(connection);
-        connection.Completion.ContinueWith(_ =>
-        {
-            lock (_lock)
-                _connections.Remove(connection);
-            Statistics.Disconnected();
-            _slots.Release();
-        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         connection.Start();
+    }
+
+    /// <summary>A connection has ended (its reader thread, last): it no longer counts, and its slot is free.</summary>
+    internal void Ended(NbdConnection connection)
+    {
+        lock (_lock)
+            _connections.Remove(connection);
+        Statistics.Disconnected();
+        _slots.Release();
     }
 
     /// <summary>

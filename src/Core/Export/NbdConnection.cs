@@ -105,6 +105,7 @@ internal sealed partial class NbdConnection
             }
             writer?.Join();
             Close();
+            _export.Ended(this); // counted out before anyone waiting for the completion goes on
             _completion.TrySetResult();
         }
     }
