@@ -1,6 +1,10 @@
 using BitmapBackup.Bench;
 
 // Usage: BitmapBackup.Bench [suite ...]   (no arguments: every suite). Build with -c Release.
+// BitmapBackup.Bench nbd-server IMAGE SOCKET [BITMAP] is the nbd suite's server process, not a suite.
+if (args.Length > 0 && args[0] == "nbd-server")
+    return NbdServerHost.Run(args[1..]);
+
 var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIgnoreCase)
 {
     ["bitmap"] = BitmapBench.Run,
@@ -10,6 +14,7 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["cache"] = CacheBench.Run,
     ["huge"] = BackupBench.RunHuge,
     ["compress"] = CompressBench.Run,
+    ["nbd"] = NbdBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;

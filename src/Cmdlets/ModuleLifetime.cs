@@ -14,7 +14,7 @@ namespace BitmapBackup;
  *   imported there; Import-Module -Force calls OnRemove, then OnImport) and OnRemove on every Remove-Module; a
  *   runspace that closes calls neither (verified on pwsh 7.6 with ForEach-Object -Parallel and Start-ThreadJob). The
  *   importers are counted per runspace, a runspace's count goes when it closes, and only the last removal in the
- *   process closes the nodes, with Close-BlockNode's warning for the non-persistent bitmaps that end with them. The
+ *   process stops the NBD exports (drained, then disconnected, as Stop-BlockExport does) and then closes the nodes, with Close-BlockNode's warning for the non-persistent bitmaps that end with them. The
  *   removal inside Import-Module -Force (seen on the call stack) is a reload, not a removal.
  * - Exit: the PowerShell.Exiting engine event of the host's own runspace runs when pwsh -File ends, on exit, and when
  *   -Command ends, while the host can still show warnings; AppDomain.ProcessExit runs for [Environment]::Exit and
@@ -54,7 +54,7 @@ public sealed class ModuleLifetime : IModuleAssemblyInitializer, IModuleAssembly
     {
         if (!RemoveImporter(Runspace.DefaultRunspace) || IsReload())
             return;
-        var warnings = new List<string>();
+        var warnings = new List<string>(SessionEnd.StopExports(SessionEnd.StopTimeout));
         foreach (Core.Nodes.BlockNode node in BitmapBackupCmdlet.Engine.Nodes)
         {
             try

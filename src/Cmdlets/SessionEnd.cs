@@ -1,4 +1,5 @@
 using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.Export;
 using BitmapBackup.Core.Jobs;
 using BitmapBackup.Core.Nodes;
 
@@ -8,6 +9,9 @@ namespace BitmapBackup;
  * What the end of the PowerShell session does to the module's process-wide state, the way PowerShell stops a
  * session's jobs when it ends:
  *
+ * 0. Every NBD export is stopped as Stop-BlockExport stops it, all at once: the requests in flight finish and are
+ *    answered (within StopTimeout in all), then the clients are disconnected and the exported bitmaps released.
+ *    Each export that still had clients is named in a warning.
  * 1. Every running backup is cancelled as Stop-Job cancels it (QEMU's job-cancel: its bitmap takes back every
  *    dirty bit, the new target's .partial file is deleted), all at once, and awaited for at most StopTimeout in
  *    all (5 seconds per process, not per job).
@@ -35,7 +39,7 @@ internal static class SessionEnd
     {
         lock (s_lock)
         {
-            var warnings = new List<string>();
+            var warnings = new List<string>(StopExports(StopTimeout));
             var running = RunningBackups.Snapshot().Where(r => !s_givenUp.Contains(r.Job)).ToArray();
             foreach ((BackupJob job, _) in running)
                 job.Cancel();
@@ -69,6 +73,18 @@ internal static class SessionEnd
             }
             return warnings;
         }
+    }
+
+    /// <summary>Stop every NBD export (drain, then disconnect); the warnings naming those that had clients.</summary>
+    public static IReadOnlyList<string> StopExports(TimeSpan drainTimeout)
+    {
+        var warnings = new List<string>();
+        foreach ((BlockExport export, int clients) in ExportRegistry.Default.StopAll(drainTimeout))
+        {
+            if (clients > 0)
+                warnings.Add($"NBD export '{export.Name}' (node '{export.Node.Name}') was stopped: its {clients} client(s) were disconnected after their requests in flight were answered.");
+        }
+        return warnings;
     }
 
     /// <summary>The warning for a backup that concluded after the cancel, or null if it succeeded meanwhile.</summary>

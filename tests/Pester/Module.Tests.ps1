@@ -39,7 +39,7 @@ Describe 'BitmapBackup module manifest' {
         @{ Command = 'New-BlockImage' }, @{ Command = 'Close-BlockNode' }, @{ Command = 'Resize-BlockNode' },
         @{ Command = 'Write-BlockNode' }, @{ Command = 'New-DirtyBitmap' }, @{ Command = 'Enable-DirtyBitmap' },
         @{ Command = 'Disable-DirtyBitmap' }, @{ Command = 'Clear-DirtyBitmap' }, @{ Command = 'Remove-DirtyBitmap' },
-        @{ Command = 'Merge-DirtyBitmap' }
+        @{ Command = 'Merge-DirtyBitmap' }, @{ Command = 'Start-BlockExport' }, @{ Command = 'Stop-BlockExport' }
     ) {
         $parameters = (Get-Command $Command).Parameters
         $parameters.ContainsKey('WhatIf') | Should -BeTrue
@@ -48,7 +48,7 @@ Describe 'BitmapBackup module manifest' {
 
     It '<Command> changes nothing and has no -WhatIf' -ForEach @(
         @{ Command = 'Open-BlockNode' }, @{ Command = 'Get-BlockNode' }, @{ Command = 'Read-BlockNode' },
-        @{ Command = 'Get-DirtyBitmap' }, @{ Command = 'Get-DirtyBitmapRange' }
+        @{ Command = 'Get-DirtyBitmap' }, @{ Command = 'Get-DirtyBitmapRange' }, @{ Command = 'Get-BlockExport' }
     ) {
         (Get-Command $Command).Parameters.ContainsKey('WhatIf') | Should -BeFalse
     }
@@ -59,7 +59,7 @@ Describe 'Format views' {
 
     It 'has a table view for <TypeName>' -ForEach @(
         @{ TypeName = 'BitmapBackup.DirtyBitmapInfo' }, @{ TypeName = 'BitmapBackup.BlockNodeInfo' },
-        @{ TypeName = 'BitmapBackup.DirtyRange' }, @{ TypeName = 'BitmapBackup.BlockImageInfo' }
+        @{ TypeName = 'BitmapBackup.DirtyRange' }, @{ TypeName = 'BitmapBackup.BlockImageInfo' }, @{ TypeName = 'BitmapBackup.BlockExportInfo' }
     ) {
         $data = Get-FormatData -TypeName $TypeName
         $data | Should -Not -BeNullOrEmpty

@@ -4,8 +4,8 @@ using BitmapBackup.Core.Nodes;
 namespace BitmapBackup;
 
 /// <summary>
-/// Lets a node parameter take a node name, a BlockNodeInfo, a DirtyBitmapInfo (its node) or an engine
-/// BlockNode, and hands the cmdlet the node name.
+/// Lets a node parameter take a node name, a BlockNodeInfo, a DirtyBitmapInfo or a BlockExportInfo (their node)
+/// or an engine BlockNode, and hands the cmdlet the node name.
 /// </summary>
 [AttributeUsage(AttributeTargets.Property | AttributeTargets.Field)]
 internal sealed class BlockNodeTransformationAttribute : ArgumentTransformationAttribute
@@ -16,6 +16,7 @@ internal sealed class BlockNodeTransformationAttribute : ArgumentTransformationA
     {
         BlockNodeInfo info => info.Name,
         DirtyBitmapInfo bitmap => bitmap.Node,
+        BlockExportInfo export => export.Node,
         BlockNode node => node.Name,
         object[] array => array.Select(ToName).ToArray(),
         var other => other,

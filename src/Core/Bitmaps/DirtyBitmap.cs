@@ -8,9 +8,11 @@ namespace BitmapBackup.Core.Bitmaps;
 /// A named record of which parts of a node were written: bit i covers bytes [i*Granularity, (i+1)*Granularity)
 /// of the node. Mirrors QEMU's BdrvDirtyBitmap.
 ///
-/// States (QEMU's names in brackets): recording [active], disabled, busy [frozen/locked: a backup owns it
-/// through a successor], inconsistent [persistent bitmap not saved cleanly: only removal is allowed], read-only
-/// [loaded from a read-only image: only enable/disable]. <see cref="BitmapUse"/> says which operation refuses
+/// States (QEMU's names in brackets): recording [active], disabled, busy [frozen/locked: in use by one operation
+/// that no one else may change it under: a backup owning it through a successor, or an NBD export serving it as
+/// <c>qemu:dirty-bitmap:NAME</c> (<see cref="Claim"/>); <see cref="BusyWith"/> says which], inconsistent
+/// [persistent bitmap not saved cleanly: only removal is allowed], read-only [loaded from a read-only image: only
+/// enable/disable]. <see cref="BitmapUse"/> says which operation refuses
 /// which state.
 ///
 /// Successor protocol used by backups: <see cref="CreateSuccessor"/> freezes this bitmap (busy, not written any
@@ -53,6 +55,9 @@ public sealed class DirtyBitmap
 
     public bool Busy { get; private set; }
 
+    /// <summary>What holds the bitmap busy ("a running backup", "NBD export 'disk'"), or null when it is not busy.</summary>
+    public string? BusyWith { get; private set; }
+
     public bool Persistent { get; internal set; }
 
     public bool Inconsistent { get; internal set; }
@@ -92,7 +97,7 @@ public sealed class DirtyBitmap
         {
             if ((use & BitmapUse.RefuseBusy) != 0 && Busy)
                 Throw.Block(ErrorIds.BitmapBusy, BlockErrorCategory.ResourceBusy,
-                    $"Bitmap '{Name}' on node '{Node.Name}' is currently in use by another operation (a running backup) and cannot be used.", Name);
+                    $"Bitmap '{Name}' on node '{Node.Name}' is currently in use by another operation ({BusyWith}) and cannot be used.", Name);
             if ((use & BitmapUse.RefuseReadOnly) != 0 && ReadOnly)
                 Throw.Block(ErrorIds.BitmapReadOnly, BlockErrorCategory.PermissionDenied,
                     $"Bitmap '{Name}' on node '{Node.Name}' is read-only because the node was opened read-only; it can only be enabled or disabled.", Name);
@@ -303,9 +308,70 @@ public sealed class DirtyBitmap
             Successor = successor;
             _disabled = true;
             Busy = true;
+            BusyWith = "a running backup";
             Node.AttachLocked(successor);
             return successor;
         }
+    }
+
+    /// <summary>
+    /// Make the bitmap busy for an operation that reads it as it is and keeps it recording (an NBD export, QEMU's
+    /// bdrv_dirty_bitmap_set_busy): every change is refused with BitmapBusy until <see cref="Release"/>. Refused
+    /// when busy already or inconsistent.
+    /// </summary>
+    /// <param name="user">What holds it, for messages: "NBD export 'disk'".</param>
+    public void Claim(string user)
+    {
+        lock (Node.Sync)
+        {
+            Check(BitmapUse.AllowReadOnly);
+            Busy = true;
+            BusyWith = user;
+        }
+    }
+
+    /// <summary>End a <see cref="Claim"/>.</summary>
+    public void Release()
+    {
+        lock (Node.Sync)
+        {
+            if (Successor is not null)
+                throw new InvalidOperationException($"Bitmap '{Name}' on node '{Node.Name}' is held by a backup, not claimed.");
+            Busy = false;
+            BusyWith = null;
+        }
+    }
+
+    /// <summary>
+    /// The state of [offset, offset+length) as consecutive runs of equal state, at most <paramref name="maxExtents"/>:
+    /// the first run starts at <paramref name="offset"/> (mid-granule if it is), the last ends at the range's end or
+    /// where the limit cut it. Each run is the dirty or clean stretch of whole bits clipped to the range. Taken
+    /// under the lock, without copying the bitmap: O(runs) searches through the summary levels.
+    /// </summary>
+    public List<(long Length, bool Dirty)> GetExtents(long offset, long length, int maxExtents)
+    {
+        var extents = new List<(long, bool)>();
+        lock (Node.Sync)
+        {
+            long end = Math.Min(offset + length, Node.Size);
+            long endBit = Math.Min(((end - 1) >> _shift) + 1, _bits.Length); // bits that touch the range
+            long position = offset;
+            while (position < end && extents.Count < maxExtents)
+            {
+                long bit = position >> _shift;
+                if (bit >= endBit)
+                {
+                    extents.Add((end - position, false));
+                    break;
+                }
+                bool dirty = _bits.Get(bit);
+                long change = dirty ? _bits.NextClear(bit, endBit) : _bits.NextSet(bit, endBit);
+                long runEnd = change < 0 ? end : Math.Min(change << _shift, end);
+                extents.Add((runEnd - position, dirty));
+                position = runEnd;
+            }
+        }
+        return extents;
     }
 
     /// <summary>The backup succeeded: keep only the writes made since the successor was created.</summary>
@@ -366,6 +432,7 @@ public sealed class DirtyBitmap
     {
         _disabled = Inconsistent || successor._disabled; // an inconsistent bitmap never records
         Busy = false;
+        BusyWith = null;
         Successor = null;
         successor.Parent = null;
         Node.DetachLocked(successor);

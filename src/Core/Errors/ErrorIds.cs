@@ -74,4 +74,13 @@ public static class ErrorIds
     public const string TransactionConflict = "TransactionConflict";
     public const string GroupedCompletionNotAllowed = "GroupedCompletionNotAllowed";
     public const string TransactionActionInvalid = "TransactionActionInvalid";
+
+    // NBD exports
+    public const string ExportNotFound = "ExportNotFound";
+    public const string ExportNameInUse = "ExportNameInUse";
+    public const string ExportNameInvalid = "ExportNameInvalid";
+    public const string ExportDescriptionTooLong = "ExportDescriptionTooLong";
+    public const string ExportAddressInUse = "ExportAddressInUse";
+    public const string ExportListenFailed = "ExportListenFailed";
+    public const string BitmapEnabledForReadOnlyExport = "BitmapEnabledForReadOnlyExport";
 }

@@ -31,6 +31,7 @@ public sealed class BlockNode : IDisposable
     private readonly List<DirtyBitmap> _bitmaps = new(); // named and anonymous, in creation order
     private DirtyBitmap[] _recording = [];
     private IWriteInterceptor[] _interceptors = [];
+    private INodeUser[] _users = [];
     private bool _closed;
     private int _unsynced; // 1 from the first write after a sync until the next sync starts
     private readonly Timer _writeBack;
@@ -204,6 +205,26 @@ public sealed class BlockNode : IDisposable
             _interceptors = _interceptors.Where(i => i != interceptor).ToArray();
     }
 
+    /// <summary>Register something that serves this node (an NBD export): until it is removed the node cannot be closed or resized.</summary>
+    public void AddUser(INodeUser user)
+    {
+        lock (Sync)
+        {
+            CheckOpen();
+            _users = [.. _users, user];
+        }
+    }
+
+    /// <summary>Release a user registered with <see cref="AddUser"/>.</summary>
+    public void RemoveUser(INodeUser user)
+    {
+        lock (Sync)
+            _users = _users.Where(u => u != user).ToArray();
+    }
+
+    /// <summary>Who serves this node now (NBD exports).</summary>
+    public IReadOnlyList<INodeUser> Users => Volatile.Read(ref _users);
+
     /// <summary>
     /// Write back everything the driver holds in memory and sync the image (data, then metadata in crash-safe order,
     /// then fdatasync): every write that returned before this call is durable when it returns.
@@ -286,6 +307,17 @@ public sealed class BlockNode : IDisposable
         return len == 0 ? [] : Merge(ChainAllocation.Of(Image, offset, len)).ToArray();
     }
 
+    /// <summary>
+    /// Allocation through the whole backing chain of [offset, offset+length), merged, produced as it is enumerated
+    /// (a caller that needs only the first extents stops early). Checked now; enumerate it while the node is open.
+    /// </summary>
+    public IEnumerable<AllocationExtent> EnumerateChainAllocation(long offset, long length)
+    {
+        CheckOpen();
+        CheckRange(offset, length);
+        return length == 0 ? [] : Merge(ChainAllocation.Of(Image, offset, length));
+    }
+
     private static IEnumerable<AllocationExtent> Merge(IEnumerable<AllocationExtent> extents)
     {
         AllocationExtent? pending = null;
@@ -320,9 +352,12 @@ public sealed class BlockNode : IDisposable
         {
             lock (Sync)
             {
+                if (_users.FirstOrDefault() is { } user)
+                    Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
+                        $"Node '{Name}' cannot be resized while it is in use by {user.Description}: its clients agreed on the size; {user.ReleaseHint}.", Name);
                 if (_bitmaps.FirstOrDefault(b => b.Busy) is { } busy)
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
-                        $"Node '{Name}' cannot be resized while bitmap '{busy.Name}' is in use by a backup.", Name);
+                        $"Node '{Name}' cannot be resized while bitmap '{busy.Name}' is in use by {busy.BusyWith}.", Name);
                 if (_interceptors.Length > 0)
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
                         $"Node '{Name}' cannot be resized while a backup of it is running.", Name);
@@ -598,9 +633,12 @@ public sealed class BlockNode : IDisposable
                 return;
             lock (Sync)
             {
+                if (_users.FirstOrDefault() is { } user)
+                    Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
+                        $"Node '{Name}' cannot be closed while it is in use by {user.Description}; {user.ReleaseHint}.", Name);
                 if (_bitmaps.FirstOrDefault(b => b.Busy) is { } busy)
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
-                        $"Node '{Name}' cannot be closed while bitmap '{busy.Name}' is in use by a backup.", Name);
+                        $"Node '{Name}' cannot be closed while bitmap '{busy.Name}' is in use by {busy.BusyWith}.", Name);
                 if (_interceptors.Length > 0)
                     Throw.Block(ErrorIds.NodeBusy, BlockErrorCategory.ResourceBusy,
                         $"Node '{Name}' cannot be closed while a backup of it is running; stop the job (Stop-Job) or wait for it.", Name);
