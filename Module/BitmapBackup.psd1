@@ -15,7 +15,7 @@
         'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
         'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange', 'Update-DirtyBitmap',
         'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup',
-        'Invoke-BitmapTransaction', 'Get-BackupChain', 'Restore-IncrementalBackup', 'Test-IncrementalBackup'
+        'Invoke-BitmapTransaction', 'Get-BackupChain', 'Restore-IncrementalBackup', 'Test-IncrementalBackup', 'Merge-BackupChain'
     )
     FunctionsToExport    = @()
     AliasesToExport      = @()
