@@ -15,7 +15,8 @@
         'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
         'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange', 'Update-DirtyBitmap',
         'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup',
-        'Invoke-BitmapTransaction', 'Get-BackupChain', 'Restore-IncrementalBackup', 'Test-IncrementalBackup', 'Merge-BackupChain'
+        'Invoke-BitmapTransaction', 'Get-BackupChain', 'Restore-IncrementalBackup', 'Test-IncrementalBackup', 'Merge-BackupChain',
+        'Show-DirtyBitmap'
     )
     FunctionsToExport    = @()
     AliasesToExport      = @()

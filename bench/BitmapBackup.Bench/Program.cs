@@ -8,6 +8,7 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["backup"] = BackupBench.Run,
     ["digest"] = DigestBench.Run,
     ["cache"] = CacheBench.Run,
+    ["picture"] = PictureBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;
