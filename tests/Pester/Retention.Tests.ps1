@@ -9,47 +9,6 @@ BeforeAll {
     Import-Module (Join-Path $PSScriptRoot 'TestHelpers.psm1') -Force
     Import-BitmapBackupModule
 
-    function New-TestChain {
-        <#
-        A chain of -Count backups of a qcow2 node (a full backup, then incrementals from a bitmap, each with its digest
-        manifest), and after each backup a raw snapshot of the node: the point in time that backup must read.
-        The writes overlap older ones, zero out data an older backup holds, and touch partial clusters.
-        #>
-        param([Parameter(Mandatory)] [string] $Dir, [long] $Size = 4MB, [long] $FirstData = 2MB, [int] $Count = 6, [int] $Seed = 1234)
-        $disk = Join-Path $Dir 'disk.qcow2'
-        $null = New-BlockImage -Path $disk -Size $Size -Confirm:$false
-        $name = New-TestName 'c'
-        $null = Open-BlockNode -Path $disk -Name $name
-        $null = New-DirtyBitmap -Node $name -Name daily -Confirm:$false
-        $rng = [Random]::new($Seed)
-        $images = [Collections.Generic.List[string]]::new()
-        $refs = [Collections.Generic.List[string]]::new()
-        for ($i = 0; $i -lt $Count; $i++) {
-            if ($i -eq 0) {
-                Write-BlockNode -Node $name -Offset 0 -Pattern 0x11 -Length $FirstData -Confirm:$false
-            }
-            else {
-                foreach ($j in 1..3) {
-                    $offset = $rng.Next(0, [int]($Size / 64KB) - 3) * 64KB
-                    Write-BlockNode -Node $name -Offset $offset -Pattern (16 * $i + $j) -Length (64KB * $rng.Next(1, 4)) -Confirm:$false
-                }
-                Write-BlockNode -Node $name -Offset ($rng.Next(0, [int]($Size / 4KB) - 2) * 4KB + 100) -Pattern (0xA0 + $i) -Length 5000 -Confirm:$false
-                if ($i % 2 -eq 0) { Write-BlockNode -Node $name -Offset (256KB * $i) -Zero -Length 192KB -Confirm:$false }
-            }
-            $target = Join-Path $Dir "b$i.qcow2"
-            if ($i -eq 0) {
-                $null = Start-IncrementalBackup -Node $name -Target $target -Sync Full -Bitmap daily -BitmapMode OnSuccess -Wait -Confirm:$false
-            }
-            else {
-                $null = Start-IncrementalBackup -Node $name -Target $target -Sync Incremental -Bitmap daily -BackingFile "b$($i - 1).qcow2" -Wait -Confirm:$false
-            }
-            $images.Add($target)
-            $refs.Add((Save-NodeSnapshot -Node $name -Path (Join-Path $Dir "ref$i.raw")))
-        }
-        Close-BlockNode -Node $name -Confirm:$false -WarningAction SilentlyContinue
-        return [pscustomobject]@{ Dir = $Dir; Images = [string[]]$images; References = [string[]]$refs; Top = $images[-1] }
-    }
-
     function Assert-ChainSound {
         <#
         The chain of the top opens, every image of it passes qemu-img check, the top reads its point in time, and every
@@ -99,7 +58,7 @@ Describe 'Merge-BackupChain -Keep' -Skip:$NoQemu {
     It 'keeps the newest <Keep> of 6 images; each remaining one reads its own point in time and passes qemu-img check' -ForEach @(
         @{ Keep = 1 }, @{ Keep = 2 }, @{ Keep = 3 }, @{ Keep = 4 }, @{ Keep = 5 }
     ) {
-        $chain = New-TestChain -Dir (New-TestDirectory)
+        $chain = New-TestBackupChain -Dir (New-TestDirectory)
         $r = Merge-BackupChain -Path $chain.Top -Keep $Keep -Wait -Confirm:$false
         $k = 6 - $Keep
         $r.Succeeded | Should -BeTrue
@@ -126,7 +85,7 @@ Describe 'Merge-BackupChain -Keep' -Skip:$NoQemu {
     }
 
     It 'merges at every step of a 6-image chain (Keep 5, 4, 3, 2, 1): qemu-img compare equal and check clean after each' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Seed 99
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Seed 99
         foreach ($keep in 5, 4, 3, 2, 1) {
             $r = Merge-BackupChain -Path $chain.Top -Keep $keep -Wait -Confirm:$false
             $r.ImagesAfter | Should -Be $keep
@@ -141,7 +100,7 @@ Describe 'Merge-BackupChain -Keep' -Skip:$NoQemu {
     }
 
     It 'leaves a chain with no more images than -Keep as it is' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 3
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
         $before = Get-ChildItem $chain.Dir | ForEach-Object { '{0} {1}' -f $_.Name, (Get-FileHash $_.FullName).Hash }
         $r = Merge-BackupChain -Path $chain.Top -Keep 3 -Wait -Confirm:$false
         $r.ImagesBefore | Should -Be 3
@@ -154,14 +113,14 @@ Describe 'Merge-BackupChain -Keep' -Skip:$NoQemu {
     }
 
     It 'gives the merged image the permissions of the image it replaces' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 3
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
         & chmod 640 $chain.Images[1]
         $null = Merge-BackupChain -Path $chain.Top -Keep 2 -Wait -Confirm:$false
         (Get-Item $chain.Images[1]).UnixMode | Should -Be '-rw-r-----'
     }
 
     It 'takes the top from the pipeline (a backup''s result) and -WhatIf changes nothing' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 3
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
         Merge-BackupChain -Path $chain.Top -Keep 1 -WhatIf
         @(Get-BackupChain -Path $chain.Top).Count | Should -Be 3
         $r = [pscustomobject]@{ Target = $chain.Top } | Merge-BackupChain -Keep 2 -Wait -Confirm:$false
@@ -175,7 +134,7 @@ Describe 'Merge-BackupChain -Into' -Skip:$NoQemu {
 
     It 'writes a synthetic full that reads like the top, leaves the chain alone, copies the manifest, and takes incrementals on top' {
         $dir = New-TestDirectory
-        $chain = New-TestChain -Dir $dir -Count 4
+        $chain = New-TestBackupChain -Dir $dir -Count 4
         $before = Get-ChildItem $dir | ForEach-Object { '{0} {1}' -f $_.Name, (Get-FileHash $_.FullName).Hash }
         $into = Join-Path $dir 'synthetic.qcow2'
         $r = Merge-BackupChain -Path $chain.Top -Into $into -Wait -Confirm:$false
@@ -212,7 +171,7 @@ Describe 'Merge-BackupChain as a job' -Skip:$NoQemu {
     AfterEach { Close-TestNode; Get-Job | Where-Object PSJobTypeName -eq 'BitmapBackupMergeJob' | Remove-Job -Force }
 
     It 'returns a job with progress that Wait-Job and Receive-Job finish' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Size 16MB -FirstData 12MB
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Size 16MB -FirstData 12MB
         $job = Merge-BackupChain -Path $chain.Top -Keep 2 -BytesPerSecond 16MB -JobName ret-job -Confirm:$false
         $job | Should -BeOfType ([BitmapBackup.MergePSJob])
         $job.PSJobTypeName | Should -Be 'BitmapBackupMergeJob'
@@ -231,7 +190,7 @@ Describe 'Merge-BackupChain as a job' -Skip:$NoQemu {
     }
 
     It 'Stop-Job while it copies leaves the chain as it was, without the merged image' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Size 32MB -FirstData 24MB
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Size 32MB -FirstData 24MB
         $job = Merge-BackupChain -Path $chain.Top -Keep 3 -BytesPerSecond 4MB -Confirm:$false
         $deadline = [DateTime]::UtcNow.AddSeconds(30)
         while ($job.BytesCopied -eq 0 -and [DateTime]::UtcNow -lt $deadline) { Start-Sleep -Milliseconds 20 }
@@ -252,13 +211,13 @@ Describe 'Merge-BackupChain refusals' -Skip:$NoQemu {
     AfterEach { Close-TestNode }
 
     It 'InvalidKeepCount: -Keep <Keep>' -ForEach @(@{ Keep = 0 }, @{ Keep = -3 }) {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 2
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 2
         Assert-BlockError { Merge-BackupChain -Path $chain.Top -Keep $Keep -Wait -Confirm:$false } -ErrorId 'InvalidKeepCount,BitmapBackup.MergeBackupChainCommand' -MessageContains "-Keep $Keep" -Category InvalidArgument
         @(Get-BackupChain -Path $chain.Top).Count | Should -Be 2
     }
 
     It 'ImageInUse: an image of the chain is open as a writable node (the message names it)' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 4
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 4
         $node = Open-BlockNode -Path $chain.Images[1] -Name (New-TestName 'w')
         $e = Assert-BlockError { Merge-BackupChain -Path $chain.Top -Keep 2 -Wait -Confirm:$false } -ErrorId 'ImageInUse,BitmapBackup.MergeBackupChainCommand' -MessageContains "'$($node.Name)'" -Category ResourceBusy
         $e.TargetObject | Should -Be $chain.Images[1]
@@ -272,7 +231,7 @@ Describe 'Merge-BackupChain refusals' -Skip:$NoQemu {
     }
 
     It 'ImageInUse: another process (qemu-io) holds an image of the chain for writing' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 3
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
         $psi = [Diagnostics.ProcessStartInfo]::new('qemu-io')
         foreach ($a in '-f', 'qcow2', $chain.Images[2]) { $psi.ArgumentList.Add($a) }
         $psi.RedirectStandardInput = $true; $psi.RedirectStandardOutput = $true; $psi.RedirectStandardError = $true; $psi.UseShellExecute = $false
@@ -294,7 +253,7 @@ Describe 'Merge-BackupChain refusals' -Skip:$NoQemu {
     }
 
     It 'BackupChainBroken: an image of the chain is missing' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 4
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 4
         Remove-Item $chain.Images[1]
         Assert-BlockError { Merge-BackupChain -Path $chain.Top -Keep 1 -Wait -Confirm:$false } -ErrorId 'BackupChainBroken,BitmapBackup.MergeBackupChainCommand' -MessageContains 'b1.qcow2' -Category InvalidData
         Test-Path $chain.Images[0] | Should -BeTrue
@@ -302,7 +261,7 @@ Describe 'Merge-BackupChain refusals' -Skip:$NoQemu {
     }
 
     It 'BackupChainBroken: qemu-img check would find an image of the chain corrupt' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 3
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
         # give the header cluster of b1 refcount 0: the image still opens, but qemu-img check reports a corruption
         (Get-QemuImageCheck -Path $chain.Images[1]).ExitCode | Should -Be 0
         $bytes = Get-FileBytes -Path $chain.Images[1] -Offset 48 -Length 8
@@ -322,7 +281,7 @@ Describe 'Merge-BackupChain refusals' -Skip:$NoQemu {
     }
 
     It 'BackupChainShared: an image to delete is the backing file of another chain in its folder' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Count 4
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 4
         $other = Join-Path $chain.Dir 'other.qcow2'
         $null = New-BlockImage -Path $other -Size 4MB -BackingFile 'b0.qcow2' -Confirm:$false
         Assert-BlockError { Merge-BackupChain -Path $chain.Top -Keep 2 -Wait -Confirm:$false } -ErrorId 'BackupChainShared,BitmapBackup.MergeBackupChainCommand' -MessageContains 'other.qcow2'
@@ -350,7 +309,7 @@ Describe 'Merge-BackupChain after kill -9' -Skip:$NoQemu {
         @{ Point = 'merge:deleted'; Expected = 3 },
         @{ Point = 'merge:cleaned'; Expected = 3 }
     ) {
-        $chain = New-TestChain -Dir (New-TestDirectory)
+        $chain = New-TestBackupChain -Dir (New-TestDirectory)
         $marker = Join-Path $chain.Dir 'reached'
         $child = Start-ChildPwsh @"
 [BitmapBackup.Core.Testing.CrashPoints]::PauseAt('$Point', '$marker')
@@ -373,7 +332,7 @@ Describe 'Merge-BackupChain after kill -9' -Skip:$NoQemu {
     }
 
     It 'a kill at a random instant of a slow merge leaves a restorable chain (run <Run>)' -ForEach @(@{ Run = 1 }, @{ Run = 2 }, @{ Run = 3 }) {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Size 16MB -FirstData 12MB -Seed (40 + $Run)
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Size 16MB -FirstData 12MB -Seed (40 + $Run)
         $started = Join-Path $chain.Dir 'started'
         $child = Start-ChildPwsh @"
 Set-Content -Path '$started' -Value go
@@ -395,7 +354,7 @@ Start-Sleep -Seconds 60
     }
 
     It 'a merge running when PowerShell exits is stopped, and the chain is as it was' {
-        $chain = New-TestChain -Dir (New-TestDirectory) -Size 16MB -FirstData 12MB
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Size 16MB -FirstData 12MB
         $script = "`$null = Merge-BackupChain -Path '$($chain.Top)' -Keep 2 -BytesPerSecond 2MB -Confirm:`$false; Start-Sleep -Milliseconds 500"
         $out = & dotnet (Join-Path $PSHOME 'pwsh.dll') -NoProfile -NonInteractive -Command "Import-Module '$(Get-BitmapBackupModulePath)'; $script" 2>&1 | ForEach-Object { "$_" }
         ($out -join "`n") | Should -BeLike "*Merge job 'merge*' of the chain of '$($chain.Top)' was stopped because PowerShell is exiting: the chain is as it was.*"
