@@ -111,27 +111,6 @@ function Invoke-Step([string] $Name, [scriptblock] $Body) {{
         if (-not $formatSpecific -or -not $formatSpecific.Value.data.PSObject.Properties['bitmaps']) { return @() }
         return @($formatSpecific.Value.data.bitmaps)
     }
-
-    function Start-QemuIoHolder([string] $Path) {
-        <# qemu-io holding the image for writing until its stdin closes (Stop-QemuIoHolder). #>
-        $psi = [Diagnostics.ProcessStartInfo]::new('qemu-io')
-        foreach ($a in '-f', 'qcow2', $Path) { $psi.ArgumentList.Add($a) }
-        $psi.RedirectStandardInput = $true; $psi.RedirectStandardOutput = $true; $psi.RedirectStandardError = $true; $psi.UseShellExecute = $false
-        $process = [Diagnostics.Process]::Start($psi)
-        $deadline = [DateTime]::UtcNow.AddSeconds(20)
-        while ((Invoke-QemuImg info $Path).ExitCode -eq 0) {
-            if ([DateTime]::UtcNow -gt $deadline) { $process.Kill(); throw "qemu-io did not lock '$Path'" }
-            Start-Sleep -Milliseconds 50
-        }
-        return $process
-    }
-
-    function Stop-QemuIoHolder($Process, [switch] $Kill) {
-        if ($Kill) { & kill -9 $Process.Id 2>$null }
-        else { $Process.StandardInput.Close() }
-        if (-not $Process.WaitForExit(10000)) { $Process.Kill() }
-        $Process.Dispose()
-    }
 }
 
 Describe 'DSC class DirtyBitmap (methods called in a child pwsh)' -Skip:$NoQemu {

@@ -232,23 +232,11 @@ Describe 'Merge-BackupChain refusals' -Skip:$NoQemu {
 
     It 'ImageInUse: another process (qemu-io) holds an image of the chain for writing' {
         $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
-        $psi = [Diagnostics.ProcessStartInfo]::new('qemu-io')
-        foreach ($a in '-f', 'qcow2', $chain.Images[2]) { $psi.ArgumentList.Add($a) }
-        $psi.RedirectStandardInput = $true; $psi.RedirectStandardOutput = $true; $psi.RedirectStandardError = $true; $psi.UseShellExecute = $false
-        $qemu = [Diagnostics.Process]::Start($psi)
+        $qemu = Start-QemuIoHolder $chain.Images[2]
         try {
-            $deadline = [DateTime]::UtcNow.AddSeconds(20)
-            while ((Invoke-QemuImg info $chain.Images[2]).ExitCode -eq 0) {
-                if ([DateTime]::UtcNow -gt $deadline) { throw 'qemu-io did not lock the image' }
-                Start-Sleep -Milliseconds 50
-            }
             Assert-BlockError { Merge-BackupChain -Path $chain.Top -Keep 1 -Wait -Confirm:$false } -ErrorId 'ImageInUse,BitmapBackup.MergeBackupChainCommand' -MessageContains 'Failed to get'
         }
-        finally {
-            $qemu.StandardInput.Close()
-            if (-not $qemu.WaitForExit(5000)) { $qemu.Kill() }
-            $qemu.Dispose()
-        }
+        finally { Stop-QemuIoHolder $qemu }
         @(Get-BackupChain -Path $chain.Top).Count | Should -Be 3
     }
 

@@ -332,8 +332,43 @@ function New-TestBackupChain {
     return [pscustomobject]@{ Dir = $Dir; Images = [string[]]$images; References = [string[]]$refs; Top = $images[-1] }
 }
 
+function Start-QemuIoHolder {
+    <#
+    qemu-io holding a qcow2 image for writing (as a running machine holds its disk) until Stop-QemuIoHolder: it reads
+    commands from a pipe kept open. Waits until its locks show in /proc/locks, which takes no lock itself (polling with
+    qemu-img info would take a shared lock that can make qemu-io's own open fail).
+    #>
+    param([Parameter(Mandatory)] [string] $Path)
+    $psi = [Diagnostics.ProcessStartInfo]::new('qemu-io')
+    foreach ($a in '-f', 'qcow2', $Path) { $psi.ArgumentList.Add($a) }
+    $psi.RedirectStandardInput = $true; $psi.RedirectStandardOutput = $true; $psi.RedirectStandardError = $true; $psi.UseShellExecute = $false
+    $process = [Diagnostics.Process]::Start($psi)
+    $inode = (& stat -L -c %i $Path).Trim()
+    $deadline = [DateTime]::UtcNow.AddSeconds(20)
+    while (-not @(Get-Content /proc/locks | Where-Object { $_ -match "\sOFDLCK\s.*:$inode\s" })) {
+        if ($process.HasExited -or [DateTime]::UtcNow -gt $deadline) {
+            $err = if ($process.HasExited) { $process.StandardError.ReadToEnd() } else { '' }
+            if (-not $process.HasExited) { $process.Kill() }
+            $process.Dispose()
+            throw "qemu-io did not lock '$Path': $err"
+        }
+        Start-Sleep -Milliseconds 20
+    }
+    return $process
+}
+
+function Stop-QemuIoHolder {
+    <# End a Start-QemuIoHolder: close its input (it quits cleanly, storing its bitmaps), or kill -9 it with -Kill (a crash). #>
+    param([Parameter(Mandatory)] $Process, [switch] $Kill)
+    if ($Kill) { & kill -9 $Process.Id 2>$null }
+    else { $Process.StandardInput.Close() }
+    if (-not $Process.WaitForExit(10000)) { $Process.Kill() }
+    $Process.WaitForExit()
+    $Process.Dispose()
+}
+
 Export-ModuleMember -Function Invoke-QemuImg, Get-ImageFileFormat, Compare-QemuImage, Assert-QemuImageEqual,
     Get-QemuImageCheck, Assert-QemuImageCheck, Get-QemuImageMap, Save-NodeSnapshot, Wait-BackupStatus, Get-ClusterRangeText,
-    Get-WriteCluster, New-TestBackupChain
+    Get-WriteCluster, New-TestBackupChain, Start-QemuIoHolder, Stop-QemuIoHolder
 
 #endregion
