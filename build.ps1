@@ -168,17 +168,21 @@ function Invoke-IsolatedPwsh {
     $names = 'HOME', 'XDG_DATA_HOME', 'XDG_CONFIG_HOME', 'XDG_CACHE_HOME', 'PSModulePath'
     $saved = @{}
     foreach ($n in $names) { $saved[$n] = [Environment]::GetEnvironmentVariable($n) }
+    # The folders must exist: .NET gives an empty path for a special folder that does not, and PSResourceGet and NuGet
+    # would then write their settings relative to the working folder.
+    $folders = @{ XDG_DATA_HOME = '.local/share'; XDG_CONFIG_HOME = '.config'; XDG_CACHE_HOME = '.cache' }
+    foreach ($f in $folders.Values) { $null = New-Item -ItemType Directory -Path (Join-Path $HomePath $f) -Force }
+    Push-Location $HomePath
     try {
         $env:HOME = $HomePath
-        $env:XDG_DATA_HOME = Join-Path $HomePath '.local/share'
-        $env:XDG_CONFIG_HOME = Join-Path $HomePath '.config'
-        $env:XDG_CACHE_HOME = Join-Path $HomePath '.cache'
+        foreach ($n in $folders.Keys) { [Environment]::SetEnvironmentVariable($n, (Join-Path $HomePath $folders[$n])) }
         $env:PSModulePath = $null
         $lines = @(& dotnet (Join-Path $PSHOME 'pwsh.dll') -NoProfile -NonInteractive -File $File @ArgumentList)
         $code = $LASTEXITCODE
     }
     finally {
         foreach ($n in $names) { [Environment]::SetEnvironmentVariable($n, $saved[$n]) }
+        Pop-Location
     }
     $lines | Out-Host
     if ($code -ne 0) { throw "'$File' failed with exit code $code." }

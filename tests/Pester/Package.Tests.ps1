@@ -24,10 +24,15 @@ BeforeAll {
         foreach ($a in @((Join-Path $PSHOME 'pwsh.dll'), '-NoProfile', '-NonInteractive', '-File', $file) + $ArgumentList) { $psi.ArgumentList.Add($a) }
         $psi.UseShellExecute = $false
         $psi.RedirectStandardOutput = $true; $psi.RedirectStandardError = $true
+        $psi.WorkingDirectory = $HomePath
+        # the folders must exist: .NET gives an empty path for a special folder that does not, and PSResourceGet and
+        # NuGet would then write their settings relative to the working folder
         $psi.Environment['HOME'] = $HomePath
-        $psi.Environment['XDG_DATA_HOME'] = Join-Path $HomePath '.local/share'
-        $psi.Environment['XDG_CONFIG_HOME'] = Join-Path $HomePath '.config'
-        $psi.Environment['XDG_CACHE_HOME'] = Join-Path $HomePath '.cache'
+        foreach ($pair in @(@('XDG_DATA_HOME', '.local/share'), @('XDG_CONFIG_HOME', '.config'), @('XDG_CACHE_HOME', '.cache'))) {
+            $folder = Join-Path $HomePath $pair[1]
+            $null = New-Item -ItemType Directory -Path $folder -Force
+            $psi.Environment[$pair[0]] = $folder
+        }
         $psi.Environment['NO_COLOR'] = '1'
         $null = $psi.Environment.Remove('PSModulePath')
         $null = $psi.Environment.Remove('BITMAPBACKUP_MODULE')
@@ -107,6 +112,7 @@ Install-PSResource -Name BitmapBackup -Repository local -Scope CurrentUser -Trus
 'installed: ' + (Get-InstalledPSResource -Name BitmapBackup).InstalledLocation
 "@
         $install.ExitCode | Should -Be 0 -Because ($install.Output -join "`n")
+        Test-Path (Join-Path $script:Home1 '.local/share/PSResourceGet/PSResourceRepository.xml') | Should -BeTrue -Because 'PSResourceGet keeps its repositories in the scratch home'
         $modules = Join-Path $script:Home1 '.local/share/powershell/Modules'
         Get-Value $install.Output 'installed' | Should -Be $modules
         Test-Path (Join-Path $modules 'BitmapBackup/0.1.0/System.IO.Hashing.dll') | Should -BeTrue
