@@ -7,7 +7,8 @@ namespace BitmapBackup.Core.Bitmaps;
 /// <summary>
 /// The SVG form of a <see cref="DirtyMapPicture"/>, for reports: a title; the caption, the time and the scale as
 /// text (ids title, caption, time, scale); the strip as one rect per cell (class "cell", shaded by level with
-/// fill-opacity level/8, its offset, length, dirty clusters and level in data- attributes and a tooltip); the axis
+/// fill-opacity level/8, its offset, length, dirty clusters and level in data- attributes, and a tooltip on each dirty
+/// cell); the axis
 /// labels; and the legend, one swatch per level. Names are escaped by the XML writer, so any bitmap name is safe.
 /// </summary>
 public static class DirtyMapSvg
@@ -99,8 +100,11 @@ public static class DirtyMapSvg
         w.WriteAttributeString("data-length", length.ToString(Invariant));
         w.WriteAttributeString("data-dirty-clusters", dirty.ToString(Invariant));
         w.WriteAttributeString("data-level", level.ToString(Invariant));
-        w.WriteElementString("title", string.Create(Invariant,
-            $"{DirtyMapPicture.FormatBytes(offset)} to {DirtyMapPicture.FormatBytes(offset + length)}: {dirty:N0} of {picture.CellBits(cell):N0} clusters dirty"));
+        if (level > 0)
+        {
+            w.WriteElementString("title", string.Create(Invariant,
+                $"{DirtyMapPicture.FormatBytes(offset)} to {DirtyMapPicture.FormatBytes(offset + length)}: {dirty:N0} of {picture.CellBits(cell):N0} clusters dirty"));
+        }
         w.WriteEndElement();
     }
 
