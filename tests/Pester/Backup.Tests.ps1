@@ -78,7 +78,7 @@ BeforeAll {
     $script:BatchA = @(@(0, 512), @(16MB, 256KB), @(32736KB, 64KB))
     $script:BatchB = @(@(0, 512), @(8MB, 352KB), @(15872KB, 1MB))
     $script:ResultProperties = @('Node', 'Target', 'Sync', 'Bitmap', 'BitmapMode', 'BytesCopied', 'BytesTotal', 'PointInTime',
-        'Duration', 'BytesPerSecond', 'Succeeded', 'Error', 'ErrorId')
+        'Duration', 'BytesPerSecond', 'Succeeded', 'Error', 'ErrorId', 'Manifest')
 }
 
 Describe 'Start-IncrementalBackup as a PowerShell job' -Skip:$NoQemuImg {
