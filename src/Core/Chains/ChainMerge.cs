@@ -54,34 +54,6 @@ namespace BitmapBackup.Core.Chains;
  * the images to delete (BackupChainShared); a chain being merged already (ImageInUse).
  */
 
-/// <summary>What a merge is doing.</summary>
-public enum ChainMergeStatus
-{
-    Created,
-    Copying,
-    Switching,
-    CleaningUp,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-/// <summary>What Merge-BackupChain asks for: exactly one of <see cref="Keep"/> and <see cref="Into"/>.</summary>
-public sealed record ChainMergeRequest
-{
-    /// <summary>The top image of the chain.</summary>
-    public required string Top { get; init; }
-
-    /// <summary>Keep at most this many images (at least 1).</summary>
-    public int? Keep { get; init; }
-
-    /// <summary>Write the flattened chain to this new file instead.</summary>
-    public string? Into { get; init; }
-
-    /// <summary>Limit the reads of the copy to this many bytes per second (0: no limit).</summary>
-    public long BytesPerSecond { get; init; }
-}
-
 /// <summary>A chain merge: prepared (chain open, checked, planned), then run on a worker thread.</summary>
 public sealed class ChainMerge
 {
