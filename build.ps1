@@ -4,7 +4,8 @@
     Every task of the BitmapBackup repository: Build, Help, Test, Faults, Demo, Bench, Package.
 .DESCRIPTION
     Run with the repository's own PowerShell (dotnet tool restore; dotnet pwsh ./build.ps1 <Task>).
-    Build stages a ready module folder in out/BitmapBackup, its help (from docs/help) included. Test runs the xunit suite of Core and the Pester
+    Build stages a ready module folder in out/BitmapBackup, its help (from docs/help) included. Package makes
+    artifacts/BitmapBackup.<version>.nupkg (PSResourceGet) and a zip of the module. Test runs the xunit suite of Core and the Pester
     suite of the cmdlets (in a fresh child pwsh, since a binary module cannot be reloaded) and ends with one
     line "N passed, N failed, N skipped"; it exits non-zero on any failure. Faults runs only the fault campaign
     (tests/Pester/Faults.Tests.ps1: real ENOSPC on small tmpfs mounts, kill -9 of child processes; needs root) with many
@@ -188,13 +189,54 @@ function Task-Bench {
     Invoke-Native dotnet (@('run', '--no-build', '-c', 'Release', '--project', (Join-Path $Root 'bench/BitmapBackup.Bench'), '--') + $BenchArgs)
 }
 
+function Invoke-IsolatedPwsh {
+    <#
+    Runs a script in a fresh pwsh whose home and XDG folders are the scratch folder -HomePath, with no PSModulePath
+    inherited: PSResourceGet keeps its repositories and CurrentUser installs under the home, and the build must neither
+    read nor change the user's. Returns the script's output lines; throws on a non-zero exit code.
+    #>
+    param([string] $File, [string[]] $ArgumentList = @(), [string] $HomePath)
+    $names = 'HOME', 'XDG_DATA_HOME', 'XDG_CONFIG_HOME', 'XDG_CACHE_HOME', 'PSModulePath'
+    $saved = @{}
+    foreach ($n in $names) { $saved[$n] = [Environment]::GetEnvironmentVariable($n) }
+    # The folders must exist: .NET gives an empty path for a special folder that does not, and PSResourceGet and NuGet
+    # would then write their settings relative to the working folder.
+    $folders = @{ XDG_DATA_HOME = '.local/share'; XDG_CONFIG_HOME = '.config'; XDG_CACHE_HOME = '.cache' }
+    foreach ($f in $folders.Values) { $null = New-Item -ItemType Directory -Path (Join-Path $HomePath $f) -Force }
+    Push-Location $HomePath
+    try {
+        $env:HOME = $HomePath
+        foreach ($n in $folders.Keys) { [Environment]::SetEnvironmentVariable($n, (Join-Path $HomePath $folders[$n])) }
+        $env:PSModulePath = $null
+        $lines = @(& dotnet (Join-Path $PSHOME 'pwsh.dll') -NoProfile -NonInteractive -File $File @ArgumentList)
+        $code = $LASTEXITCODE
+    }
+    finally {
+        foreach ($n in $names) { [Environment]::SetEnvironmentVariable($n, $saved[$n]) }
+        Pop-Location
+    }
+    $lines | Out-Host
+    if ($code -ne 0) { throw "'$File' failed with exit code $code." }
+    return $lines
+}
+
 function Task-Package {
-    Invoke-Task Help
+    # The module as a NuGet package that Install-PSResource installs from a file repository (artifacts/*.nupkg), and as a zip.
+    Invoke-Task Build
     $null = New-Item -ItemType Directory -Path $Artifacts -Force
     $version = (Import-PowerShellDataFile (Join-Path $ModuleDir "$ModuleName.psd1")).ModuleVersion
     $zip = Join-Path $Artifacts "$ModuleName-$version.zip"
     Compress-Archive -Path $ModuleDir -DestinationPath $zip -Force
     Write-Host "Packaged $zip"
+    $scratch = Join-Path ([IO.Path]::GetTempPath()) ('bb-package-' + [guid]::NewGuid().ToString('N').Substring(0, 12))
+    $null = New-Item -ItemType Directory -Path $scratch
+    try {
+        $lines = @(Invoke-IsolatedPwsh -File (Join-Path $Root 'build/Package.ps1') -ArgumentList @('-ModulePath', $ModuleDir, '-OutputPath', $Artifacts) -HomePath $scratch)
+        Write-Host "Packaged $($lines[-1]) (Register-PSResourceRepository -Name local -Uri $Artifacts -Trusted; Install-PSResource BitmapBackup -Repository local)"
+    }
+    finally {
+        Remove-Item -LiteralPath $scratch -Recurse -Force -ErrorAction SilentlyContinue
+    }
 }
 
 $script:TestFailed = $false

@@ -15,6 +15,7 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["huge"] = BackupBench.RunHuge,
     ["compress"] = CompressBench.Run,
     ["nbd"] = NbdBench.Run,
+    ["picture"] = PictureBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;

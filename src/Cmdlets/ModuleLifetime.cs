@@ -11,11 +11,13 @@ namespace BitmapBackup;
  * module. So:
  *
  * - Removal: PowerShell calls OnImport on every import into a runspace (not again for an import of a module already
- *   imported there; Import-Module -Force calls OnRemove, then OnImport) and OnRemove on every Remove-Module; a
- *   runspace that closes calls neither (verified on pwsh 7.6 with ForEach-Object -Parallel and Start-ThreadJob). The
- *   importers are counted per runspace, a runspace's count goes when it closes, and only the last removal in the
- *   process stops the NBD exports (drained, then disconnected, as Stop-BlockExport does) and then closes the nodes, with Close-BlockNode's warning for the non-persistent bitmaps that end with them. The
- *   removal inside Import-Module -Force (seen on the call stack) is a reload, not a removal.
+ *   imported there) and OnRemove on every Remove-Module; a runspace that closes calls neither (verified on pwsh 7.6
+ *   with ForEach-Object -Parallel and Start-ThreadJob). Import-Module -Force calls OnImport again, and OnRemove before
+ *   it only when the assembly is the root module: the cmdlets are the manifest's nested module (the root module is
+ *   the DSC resources' script), for which it does not. So each runspace that has the module imported is remembered
+ *   once, however many OnImports it saw; it is forgotten when its module is removed or when it closes, and only the
+ *   last removal in the process stops the NBD exports (drained, then disconnected, as Stop-BlockExport does), then closes the nodes, with Close-BlockNode's warning for the non-persistent bitmaps that
+ *   end with them. A removal inside Import-Module -Force (seen on the call stack) is a reload, not a removal.
  * - Exit: the PowerShell.Exiting engine event of the host's own runspace runs when pwsh -File ends, on exit, and when
  *   -Command ends, while the host can still show warnings; AppDomain.ProcessExit runs for [Environment]::Exit and
  *   for anything else, after the runspace is gone, with only stderr left. Both run SessionEnd: the backups are
@@ -26,7 +28,7 @@ namespace BitmapBackup;
 public sealed class ModuleLifetime : IModuleAssemblyInitializer, IModuleAssemblyCleanup
 {
     private static readonly Lock s_lock = new();
-    private static readonly Dictionary<Runspace, int> s_importers = new();
+    private static readonly HashSet<Runspace> s_importers = new();
     private static readonly HashSet<Runspace> s_followed = new();
     private static int s_processExitHooked;
     private static int s_importsWithoutRunspace;
@@ -43,7 +45,7 @@ public sealed class ModuleLifetime : IModuleAssemblyInitializer, IModuleAssembly
                 s_importsWithoutRunspace++;
                 return;
             }
-            s_importers[runspace] = s_importers.GetValueOrDefault(runspace) + 1;
+            s_importers.Add(runspace);
             if (!s_followed.Add(runspace))
                 return;
         }
@@ -71,22 +73,14 @@ public sealed class ModuleLifetime : IModuleAssemblyInitializer, IModuleAssembly
             ScriptBlock.Create("param([string[]] $Warnings) foreach ($w in $Warnings) { Write-Warning -Message $w }").Invoke([warnings.ToArray()]);
     }
 
-    /// <summary>Count one removal; true when no runspace of the process has the module imported any more.</summary>
+    /// <summary>Forget a runspace's import; true when no runspace of the process has the module imported any more.</summary>
     private static bool RemoveImporter(Runspace? runspace)
     {
         lock (s_lock)
         {
-            if (runspace is not null && s_importers.TryGetValue(runspace, out int count))
-            {
-                if (count > 1)
-                    s_importers[runspace] = count - 1;
-                else
-                    s_importers.Remove(runspace);
-            }
-            else if (s_importsWithoutRunspace > 0)
-            {
+            bool known = runspace is not null && s_importers.Remove(runspace);
+            if (!known && s_importsWithoutRunspace > 0)
                 s_importsWithoutRunspace--;
-            }
             return s_importers.Count == 0 && s_importsWithoutRunspace == 0;
         }
     }

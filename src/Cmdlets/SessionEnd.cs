@@ -13,8 +13,9 @@ namespace BitmapBackup;
  *    answered (within StopTimeout in all), then the clients are disconnected and the exported bitmaps released.
  *    Each export that still had clients is named in a warning.
  * 1. Every running backup is cancelled as Stop-Job cancels it (QEMU's job-cancel: its bitmap takes back every
- *    dirty bit, the new target's .partial file is deleted), all at once, and awaited for at most StopTimeout in
- *    all (5 seconds per process, not per job).
+ *    dirty bit, the new target's .partial file is deleted), and every running chain merge is stopped as Stop-Job
+ *    stops it (before its switch: the merged image is deleted, the chain is as it was; after: it finishes), all at
+ *    once, and awaited for at most StopTimeout in all (5 seconds per process, not per job).
  * 2. Every node is closed: persistent bitmaps stored with their bits, the image flushed and released. A node
  *    whose backup did not stop in time is left as it is: closing it would wait for that job's I/O, and a wedged
  *    job must not hold the exit. Its persistent bitmaps then load inconsistent, which is what they are.
@@ -41,9 +42,21 @@ internal static class SessionEnd
         {
             var warnings = new List<string>(StopExports(StopTimeout));
             var running = RunningBackups.Snapshot().Where(r => !s_givenUp.Contains(r.Job)).ToArray();
+            var merges = RunningMerges.Snapshot();
             foreach ((BackupJob job, _) in running)
                 job.Cancel();
-            Task.WaitAll(running.Select(r => r.Job.Completion).ToArray(), StopTimeout);
+            foreach ((Core.Chains.ChainMerge merge, _) in merges)
+                merge.Cancel();
+            Task.WaitAll([.. running.Select(r => r.Job.Completion), .. merges.Select(m => m.Merge.Completion)], StopTimeout);
+            foreach ((Core.Chains.ChainMerge merge, string name) in merges)
+            {
+                if (!merge.Completion.IsCompleted)
+                    warnings.Add($"Merge job '{name}' of the chain of '{merge.TopPath}' did not stop within {StopTimeout.TotalSeconds:0} seconds of PowerShell exiting; the chain stays restorable (the old chain or the merged one), and the next Merge-BackupChain of it finishes or drops what this one left.");
+                else if (merge.Error?.ErrorId == ErrorIds.MergeCancelled)
+                    warnings.Add($"Merge job '{name}' of the chain of '{merge.TopPath}' was stopped because PowerShell is exiting: the chain is as it was.");
+                else if (merge.Error is { } failed)
+                    warnings.Add($"Merge job '{name}' of the chain of '{merge.TopPath}' failed as PowerShell exited: {failed.Message}");
+            }
             var leftOpen = new HashSet<BlockNode>(s_givenUp.Select(j => j.Source));
             foreach ((BackupJob job, string name) in running)
             {

@@ -6,15 +6,20 @@ BeforeAll {
 Describe 'BitmapBackup module manifest' {
     AfterEach { Close-TestNode }
 
-    It 'is a valid manifest naming the binary root module' {
+    It 'is a valid manifest: the DSC resources'' script root module, the cmdlets'' binary module nested in it' {
         $info = Test-ModuleManifest -Path (Get-BitmapBackupModulePath) -ErrorAction Stop
         $info.Name | Should -Be 'BitmapBackup'
-        $info.RootModule | Should -Be 'BitmapBackup.Cmdlets.dll'
+        $info.RootModule | Should -Be 'BitmapBackup.psm1'
+        @((Import-PowerShellDataFile (Get-BitmapBackupModulePath)).NestedModules) | Should -Be @('BitmapBackup.Cmdlets.dll')
+        $binary = @((Get-Module -Name BitmapBackup).NestedModules | Where-Object ModuleType -EQ 'Binary')
+        $binary.Count | Should -Be 1
+        $binary[0].ImplementingAssembly.GetName().Name | Should -Be 'BitmapBackup.Cmdlets'
     }
 
     It 'exports exactly the cmdlets implemented in its assembly, and no function, alias or variable' {
         $module = Get-Module -Name BitmapBackup
-        $implemented = @($module.ImplementingAssembly.GetExportedTypes() |
+        $assembly = ($module.NestedModules | Where-Object ModuleType -EQ 'Binary').ImplementingAssembly
+        $implemented = @($assembly.GetExportedTypes() |
                 Where-Object { -not $_.IsAbstract -and $_.IsDefined([System.Management.Automation.CmdletAttribute], $false) } |
                 ForEach-Object {
                     $a = $_.GetCustomAttributes([System.Management.Automation.CmdletAttribute], $false)[0]
@@ -68,7 +73,7 @@ Describe 'Format views' {
 
     It 'gives every enum column of every table view room for its longest value' {
         [xml] $views = Get-Content -Raw (Join-Path (Split-Path (Get-BitmapBackupModulePath)) 'BitmapBackup.format.ps1xml')
-        $assembly = (Get-Module -Name BitmapBackup).ImplementingAssembly
+        $assembly = ((Get-Module -Name BitmapBackup).NestedModules | Where-Object ModuleType -EQ 'Binary').ImplementingAssembly
         $checked = 0
         foreach ($view in $views.Configuration.ViewDefinitions.View) {
             $type = $assembly.GetType($view.ViewSelectedBy.TypeName)

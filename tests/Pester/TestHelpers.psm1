@@ -293,8 +293,84 @@ function Get-WriteCluster {
     return [long[]]@($set)
 }
 
+function New-TestBackupChain {
+    <#
+    A chain of -Count backups of a qcow2 node (a full backup, then incrementals from a bitmap, each with its digest
+    manifest), and after each backup a raw snapshot of the node: the point in time that backup must read.
+    The writes overlap older ones, zero out data an older backup holds, and touch partial clusters.
+    #>
+    param([Parameter(Mandatory)] [string] $Dir, [long] $Size = 4MB, [long] $FirstData = 2MB, [int] $Count = 6, [int] $Seed = 1234)
+    $disk = Join-Path $Dir 'disk.qcow2'
+    $null = New-BlockImage -Path $disk -Size $Size -Confirm:$false
+    $name = New-TestName 'c'
+    $null = Open-BlockNode -Path $disk -Name $name
+    $null = New-DirtyBitmap -Node $name -Name daily -Confirm:$false
+    $rng = [Random]::new($Seed)
+    $images = [Collections.Generic.List[string]]::new()
+    $refs = [Collections.Generic.List[string]]::new()
+    for ($i = 0; $i -lt $Count; $i++) {
+        if ($i -eq 0) {
+            Write-BlockNode -Node $name -Offset 0 -Pattern 0x11 -Length $FirstData -Confirm:$false
+        }
+        else {
+            foreach ($j in 1..3) {
+                $offset = $rng.Next(0, [int]($Size / 64KB) - 3) * 64KB
+                Write-BlockNode -Node $name -Offset $offset -Pattern (16 * $i + $j) -Length (64KB * $rng.Next(1, 4)) -Confirm:$false
+            }
+            Write-BlockNode -Node $name -Offset ($rng.Next(0, [int]($Size / 4KB) - 2) * 4KB + 100) -Pattern (0xA0 + $i) -Length 5000 -Confirm:$false
+            if ($i % 2 -eq 0) { Write-BlockNode -Node $name -Offset (256KB * $i) -Zero -Length 192KB -Confirm:$false }
+        }
+        $target = Join-Path $Dir "b$i.qcow2"
+        if ($i -eq 0) {
+            $null = Start-IncrementalBackup -Node $name -Target $target -Sync Full -Bitmap daily -BitmapMode OnSuccess -Wait -Confirm:$false
+        }
+        else {
+            $null = Start-IncrementalBackup -Node $name -Target $target -Sync Incremental -Bitmap daily -BackingFile "b$($i - 1).qcow2" -Wait -Confirm:$false
+        }
+        $images.Add($target)
+        $refs.Add((Save-NodeSnapshot -Node $name -Path (Join-Path $Dir "ref$i.raw")))
+    }
+    Close-BlockNode -Node $name -Confirm:$false -WarningAction SilentlyContinue
+    return [pscustomobject]@{ Dir = $Dir; Images = [string[]]$images; References = [string[]]$refs; Top = $images[-1] }
+}
+
+function Start-QemuIoHolder {
+    <#
+    qemu-io holding a qcow2 image for writing (as a running machine holds its disk) until Stop-QemuIoHolder: it reads
+    commands from a pipe kept open. Waits until its locks show in /proc/locks, which takes no lock itself (polling with
+    qemu-img info would take a shared lock that can make qemu-io's own open fail).
+    #>
+    param([Parameter(Mandatory)] [string] $Path)
+    $psi = [Diagnostics.ProcessStartInfo]::new('qemu-io')
+    foreach ($a in '-f', 'qcow2', $Path) { $psi.ArgumentList.Add($a) }
+    $psi.RedirectStandardInput = $true; $psi.RedirectStandardOutput = $true; $psi.RedirectStandardError = $true; $psi.UseShellExecute = $false
+    $process = [Diagnostics.Process]::Start($psi)
+    $inode = (& stat -L -c %i $Path).Trim()
+    $deadline = [DateTime]::UtcNow.AddSeconds(20)
+    while (-not @(Get-Content /proc/locks | Where-Object { $_ -match "\sOFDLCK\s.*:$inode\s" })) {
+        if ($process.HasExited -or [DateTime]::UtcNow -gt $deadline) {
+            $err = if ($process.HasExited) { $process.StandardError.ReadToEnd() } else { '' }
+            if (-not $process.HasExited) { $process.Kill() }
+            $process.Dispose()
+            throw "qemu-io did not lock '$Path': $err"
+        }
+        Start-Sleep -Milliseconds 20
+    }
+    return $process
+}
+
+function Stop-QemuIoHolder {
+    <# End a Start-QemuIoHolder: close its input (it quits cleanly, storing its bitmaps), or kill -9 it with -Kill (a crash). #>
+    param([Parameter(Mandatory)] $Process, [switch] $Kill)
+    if ($Kill) { & kill -9 $Process.Id 2>$null }
+    else { $Process.StandardInput.Close() }
+    if (-not $Process.WaitForExit(10000)) { $Process.Kill() }
+    $Process.WaitForExit()
+    $Process.Dispose()
+}
+
 Export-ModuleMember -Function Invoke-QemuImg, Get-ImageFileFormat, Compare-QemuImage, Assert-QemuImageEqual,
     Get-QemuImageCheck, Assert-QemuImageCheck, Get-QemuImageMap, Save-NodeSnapshot, Wait-BackupStatus, Get-ClusterRangeText,
-    Get-WriteCluster
+    Get-WriteCluster, New-TestBackupChain, Start-QemuIoHolder, Stop-QemuIoHolder
 
 #endregion

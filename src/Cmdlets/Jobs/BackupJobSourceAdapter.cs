@@ -4,8 +4,9 @@ using System.Management.Automation;
 namespace BitmapBackup;
 
 /// <summary>
-/// Keeps the session's backup jobs so Get-Job, Stop-Job, Remove-Job and friends find them (PowerShell registers
-/// every public adapter of an imported binary module). Follows ThreadJob's adapter.
+/// Keeps the session's backup and merge jobs (<see cref="BackupPSJob"/>, <see cref="MergePSJob"/>) so Get-Job,
+/// Stop-Job, Remove-Job and friends find them (PowerShell registers every public adapter of an imported binary
+/// module). Follows ThreadJob's adapter.
 /// </summary>
 public sealed class BackupJobSourceAdapter : JobSourceAdapter
 {
@@ -18,8 +19,8 @@ public sealed class BackupJobSourceAdapter : JobSourceAdapter
 
     public override Job2 NewJob(JobInvocationInfo specification)
     {
-        var job = specification.Parameters[0].FirstOrDefault(p => p.Name == BackupPSJob.ParameterName)?.Value as BackupPSJob
-            ?? throw new PSArgumentException("A backup job is started with Start-IncrementalBackup.");
+        var job = specification.Parameters[0].FirstOrDefault(p => p.Name == BackupPSJob.ParameterName)?.Value as Job2
+            ?? throw new PSArgumentException("A backup job is started with Start-IncrementalBackup, a merge job with Merge-BackupChain.");
         s_jobs.TryAdd(job.InstanceId, job);
         return job;
     }

@@ -134,6 +134,19 @@ public sealed class DirtyBitmap
         return ranges;
     }
 
+    /// <summary>
+    /// The bitmap cut into <paramref name="cells"/> cells (at most one per bit): dirty bits per cell, the number of runs
+    /// of dirty bits, the dirty bits and the bits in all, counted under the lock by walking the runs (<see cref="DirtyBitmapDensity"/>).
+    /// </summary>
+    public (long[] Counts, long Runs, long DirtyBits, long Bits) CountPerCell(int cells)
+    {
+        lock (Node.Sync)
+        {
+            long[] counts = DirtyBitmapDensity.Count(_bits, cells, out long runs);
+            return (counts, runs, _bits.Count, _bits.Length);
+        }
+    }
+
     /// <summary>A copy of the bits, taken under the lock.</summary>
     public HierarchicalBitmap Snapshot()
     {

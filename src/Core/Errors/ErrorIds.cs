@@ -70,6 +70,12 @@ public static class ErrorIds
     public const string DigestManifestNotFound = "DigestManifestNotFound";
     public const string DigestManifestMismatch = "DigestManifestMismatch";
 
+    // Backup chain retention (Merge-BackupChain)
+    public const string BackupChainBroken = "BackupChainBroken";
+    public const string BackupChainShared = "BackupChainShared";
+    public const string InvalidKeepCount = "InvalidKeepCount";
+    public const string MergeCancelled = "MergeCancelled";
+
     // Transactions
     public const string TransactionConflict = "TransactionConflict";
     public const string GroupedCompletionNotAllowed = "GroupedCompletionNotAllowed";

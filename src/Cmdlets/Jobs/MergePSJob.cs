@@ -1,0 +1,211 @@
+using System.ComponentModel;
+using System.Management.Automation;
+using BitmapBackup.Core.Chains;
+using BitmapBackup.Core.Errors;
+
+namespace BitmapBackup;
+
+/// <summary>
+/// A chain merge as a PowerShell job: Get-Job, Wait-Job, Receive-Job (one <see cref="BackupChainMergeResult"/>),
+/// Stop-Job (stops it before its switch: the chain stays as it was) and Remove-Job work on it. Progress records are
+/// written to the Progress stream while it copies. Completed, Failed or Stopped when it concludes.
+/// </summary>
+public sealed class MergePSJob : Job2
+{
+    internal const string TypeName = "BitmapBackupMergeJob";
+    private static readonly TimeSpan ProgressInterval = TimeSpan.FromMilliseconds(250);
+    private static long s_activity;
+
+    private readonly Timer _progressTimer;
+    private readonly Lock _progressLock = new();
+    private readonly int _activityId;
+    private int _finished;
+
+    internal MergePSJob(ChainMerge merge, string command, string? name)
+        : base(command, name ?? merge.Id)
+    {
+        Merge = merge;
+        PSJobTypeName = TypeName;
+        _activityId = (int)(Interlocked.Increment(ref s_activity) & 0x7fffffff);
+        Output.EnumeratorNeverBlocks = true;
+        _progressTimer = new Timer(_ => WriteProgressRecord(), null, Timeout.Infinite, Timeout.Infinite);
+        merge.Concluded += Conclude;
+    }
+
+    /// <summary>The engine's merge.</summary>
+    public ChainMerge Merge { get; }
+
+    /// <summary>What the merge is doing: Created, Copying, Switching, CleaningUp, Completed, Failed, Cancelled.</summary>
+    public ChainMergeStatus Status => Merge.Status;
+
+    /// <summary>The top image of the chain.</summary>
+    public string Path => Merge.TopPath;
+
+    public long BytesCopied => Merge.BytesDone;
+
+    public long BytesTotal => Merge.BytesTotal;
+
+    public override string StatusMessage => $"{Status}: {BytesCopied} of {BytesTotal} bytes";
+
+    public override string Location => Merge.TopPath;
+
+    public override bool HasMoreData => Output.Count > 0 || Error.Count > 0 || Progress.Count > 0 || Warning.Count > 0 || Verbose.Count > 0;
+
+    /// <summary>Start the engine's merge and follow it.</summary>
+    public override void StartJob()
+    {
+        lock (_progressLock)
+        {
+            if (Volatile.Read(ref _finished) == 0)
+            {
+                SetJobState(JobState.Running);
+                _progressTimer.Change(TimeSpan.Zero, ProgressInterval);
+            }
+        }
+        Merge.Run();
+    }
+
+    public override void StartJobAsync()
+    {
+        StartJob();
+        OnStartJobCompleted(new AsyncCompletedEventArgs(null, false, null));
+    }
+
+    /// <summary>How long Stop-Job (and Remove-Job -Force) waits for a stopped merge to clean up.</summary>
+    public static TimeSpan StopTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// Stop the merge and wait until it has concluded: before its switch the merged image is deleted and the chain is
+    /// as it was; from the switch on the merge finishes (a few renames and deletions) and the job completes.
+    /// </summary>
+    public override void StopJob()
+    {
+        if (Volatile.Read(ref _finished) != 0)
+            return;
+        SetJobState(JobState.Stopping);
+        Merge.Cancel();
+        if (!Merge.Completion.Wait(StopTimeout))
+        {
+            GiveUpWaiting();
+            return;
+        }
+        Finished.WaitOne(StopTimeout);
+    }
+
+    private void GiveUpWaiting()
+    {
+        lock (_progressLock)
+        {
+            if (Volatile.Read(ref _finished) != 0)
+                return;
+            _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
+            Volatile.Write(ref _finished, 1);
+        }
+        var error = new BlockException(ErrorIds.JobStopTimedOut, BlockErrorCategory.OperationTimeout,
+            $"Merge job '{Name}' was stopped but did not finish within {StopTimeout.TotalSeconds:0} s (status {Merge.Status}); the job can be removed, the merge concludes when its storage answers.", Name);
+        Error.Add(ErrorRecordFactory.From(error));
+        SetJobState(JobState.Failed);
+    }
+
+    public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
+
+    public override void StopJob(bool force, string reason) => StopJob();
+
+    public override void StopJobAsync(bool force, string reason) => StopJobAsync();
+
+    public override void SuspendJob() => throw new NotSupportedException("A chain merge cannot be suspended; stop it (Stop-Job) and run it again later.");
+
+    public override void SuspendJobAsync() => throw new NotSupportedException("A chain merge cannot be suspended; stop it (Stop-Job) and run it again later.");
+
+    public override void SuspendJob(bool force, string reason) => SuspendJob();
+
+    public override void SuspendJobAsync(bool force, string reason) => SuspendJobAsync();
+
+    public override void ResumeJob() => throw new NotSupportedException("A chain merge cannot be suspended or resumed.");
+
+    public override void ResumeJobAsync() => throw new NotSupportedException("A chain merge cannot be suspended or resumed.");
+
+    public override void UnblockJob() => throw new NotSupportedException("Merge jobs never block.");
+
+    public override void UnblockJobAsync() => throw new NotSupportedException("Merge jobs never block.");
+
+    /// <summary>Run a verb on the thread pool and always raise its completion event (without it Stop-Job waits forever).</summary>
+    private static void RunAsync(Action verb, Action<AsyncCompletedEventArgs> completed)
+        => Task.Run(() =>
+        {
+            Exception? error = null;
+            try
+            {
+                verb();
+            }
+            catch (Exception e)
+            {
+                error = e;
+            }
+            completed(new AsyncCompletedEventArgs(error, false, null));
+        });
+
+    private void Conclude(ChainMerge merge)
+    {
+        lock (_progressLock)
+        {
+            if (Volatile.Read(ref _finished) != 0)
+                return;
+            _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
+            AddProgressRecord();
+            Volatile.Write(ref _finished, 1);
+        }
+        foreach (string warning in merge.Warnings)
+            Warning.Add(new WarningRecord(warning));
+        Output.Add(PSObject.AsPSObject(new BackupChainMergeResult(merge)));
+        BlockException? error = merge.Error;
+        if (error is null)
+        {
+            SetJobState(JobState.Completed);
+        }
+        else if (error.ErrorId == ErrorIds.MergeCancelled)
+        {
+            SetJobState(JobState.Stopped);
+        }
+        else
+        {
+            Error.Add(ErrorRecordFactory.From(error));
+            SetJobState(JobState.Failed);
+        }
+    }
+
+    private void WriteProgressRecord()
+    {
+        lock (_progressLock)
+        {
+            if (Volatile.Read(ref _finished) == 0)
+                AddProgressRecord();
+        }
+    }
+
+    private void AddProgressRecord() => Progress.Add(CreateProgressRecord(_activityId, Merge));
+
+    /// <summary>The progress record of a merge: its phase, and the bytes copied of the bytes to copy.</summary>
+    internal static ProgressRecord CreateProgressRecord(int activityId, ChainMerge merge)
+    {
+        long total = merge.BytesTotal;
+        long done = merge.BytesDone;
+        bool concluded = merge.Status is ChainMergeStatus.Completed or ChainMergeStatus.Failed or ChainMergeStatus.Cancelled;
+        int percent = total == 0 ? (concluded ? 100 : 0) : (int)Math.Min(100, done * 100 / total);
+        return new ProgressRecord(activityId, $"Merge of the chain of '{merge.TopPath}'", $"{merge.Status}: {done:N0} of {total:N0} bytes")
+        {
+            PercentComplete = percent,
+            RecordType = concluded ? ProgressRecordType.Completed : ProgressRecordType.Processing,
+        };
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            Merge.Concluded -= Conclude;
+            _progressTimer.Dispose();
+        }
+        base.Dispose(disposing);
+    }
+}
