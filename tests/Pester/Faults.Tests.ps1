@@ -390,7 +390,7 @@ Describe 'ENOSPC at every stage of a backup: <Scenario> (seed <Seed>)' -ForEach 
                 if ($good -like '*.qcow2') { Add-ImageCheck -Queue $Ctx.Checks -Path $good -Because "the next backup after the level with $free bytes free" }
                 if ($c.Kind -ne 'Raw') { $n.Top = $good }
                 if ($c.Kind -eq 'Qcow2' -and $k % 16 -eq 0) {
-                    # A new anchor now and then: a chain may not be deeper than 64 images (BackingChainTooDeep).
+                    # A new anchor now and then keeps each check of the chain short (a deep chain costs a read through every image).
                     $n.Top = Join-Path $Ctx.Dir "anchor$k-$($n.Name).qcow2"
                     (Start-IncrementalBackup -Node $n.Name -Target $n.Top -Sync Full -Bitmap b -BitmapMode OnSuccess -Wait).Succeeded | Should -BeTrue
                 }

@@ -291,7 +291,7 @@ public sealed class ChainMerge
         {
             throw WritableNode(top, engine, e) ?? e;
         }
-        catch (BlockException e) when (e.ErrorId is ErrorIds.BackingFileNotFound or ErrorIds.BackingChainLoop or ErrorIds.BackingChainTooDeep
+        catch (BlockException e) when (e.ErrorId is ErrorIds.BackingFileNotFound or ErrorIds.BackingChainLoop or ErrorIds.BackingFileChanged
                                            or ErrorIds.ImageCorrupt or ErrorIds.UnsupportedFormat)
         {
             throw Broken(top, e.Message, e);
