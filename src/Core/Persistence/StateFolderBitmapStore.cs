@@ -7,7 +7,7 @@ using BitmapBackup.Core.IO;
 namespace BitmapBackup.Core.Persistence;
 
 /*
- * Persistent bitmaps of images that cannot hold them, in a bitmap state folder (docs/bitmap-state-folder.md): block
+ * Persistent bitmaps of images that cannot hold them, in a bitmap state folder (docs/raw-bitmap-sidecar.md, "Bitmap state folder"): block
  * devices (a raw LVM volume, a zvol, a loop device) always, and raw files whose folder cannot take a sidecar
  * (read-only, or someone else's) or whose node was opened with -BitmapStore. One file per image,
  * <folder>/bitmaps/<key>-<hash>.bitmaps, named after the image's stable identity (ImageIdentity), never after the
