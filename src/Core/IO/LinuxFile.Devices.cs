@@ -202,31 +202,6 @@ internal static partial class LinuxFile
         }
     }
 
-    /// <summary>
-    /// Deallocate a range of a block device that must read as zeros afterwards (fallocate PUNCH_HOLE on the device:
-    /// the kernel unmaps where the device guarantees zeros, and refuses otherwise). Returns 0 or the errno.
-    /// </summary>
-    public static int PunchDevice(SafeFileHandle handle, long offset, long length)
-    {
-        if (!Available)
-            return ENOSYS;
-        bool added = false;
-        try
-        {
-            handle.DangerousAddRef(ref added);
-            return FAllocate((int)handle.DangerousGetHandle(), FallocPunchHole | FallocKeepSize, offset, length) == 0 ? 0 : Marshal.GetLastPInvokeError();
-        }
-        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
-        {
-            return ENOSYS;
-        }
-        finally
-        {
-            if (added)
-                handle.DangerousRelease();
-        }
-    }
-
     [LibraryImport("libc", EntryPoint = "access", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static partial int Access(string path, int mode);
 
