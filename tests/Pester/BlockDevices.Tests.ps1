@@ -107,6 +107,24 @@ Describe 'Loop devices as nodes' -Skip:($null -ne $noLoop) {
         $c = Compare-Device -Backup $inc -Device $dev
         $c.ExitCode | Should -Be 0 -Because $c.Output
         (Compare-Device -Backup $full -Device $dev).ExitCode | Should -Be 1 -Because 'the full backup predates the writes'
+
+        # Restored onto another device of the same size, over what it held: written in place, zeros included.
+        $other = New-LoopDevice -File (Join-Path $dir 'other.img')
+        try {
+            $out = & qemu-io -f raw -c 'write -P 0x77 0 64M' $other 2>&1
+            $LASTEXITCODE | Should -Be 0 -Because "$out"
+            $rr = Restore-IncrementalBackup -Path $inc -Destination $other -Wait -Confirm:$false
+            $rr.Succeeded | Should -BeTrue
+            $c = Compare-Device -Backup $inc -Device $other
+            $c.ExitCode | Should -Be 0 -Because $c.Output
+            $small = New-LoopDevice -File (Join-Path $dir 'small.img') -Size 32MB
+            { Restore-IncrementalBackup -Path $inc -Destination $small -Wait -Confirm:$false -ErrorAction Stop } |
+                Should -Throw -ErrorId 'TargetSizeMismatch,BitmapBackup.RestoreIncrementalBackupCommand'
+        }
+        finally {
+            Remove-LoopDevice $other
+            if ($small) { Remove-LoopDevice $small }
+        }
     }
 
     It 'zeroes ranges of the device, aligned or not' {

@@ -47,6 +47,10 @@ public sealed class BlockDevice
     /// <summary>"major:minor", as /sys/dev/block and lsblk name the device.</summary>
     public string Number => $"{Major}:{Minor}";
 
+    /// <summary>Whether <paramref name="path"/> names a block device (links followed); false for anything else or off Linux.</summary>
+    public static bool IsAt(string path)
+        => OperatingSystem.IsLinux() && LinuxFile.GetKind(path, out FileKind kind) == 0 && kind == FileKind.BlockDevice;
+
     /// <summary>The device under <paramref name="handle"/>, or null when it is not a block device (or not on Linux).</summary>
     /// <exception cref="IOException">The device does not report its sector sizes.</exception>
     internal static BlockDevice? Of(SafeFileHandle handle)
