@@ -177,6 +177,8 @@ Close-BlockNode lo
         { New-DirtyBitmap -Node lo -Name other -Persistent -BitmapStore (Join-Path $dir 'elsewhere') -ErrorAction Stop } |
             Should -Throw -ErrorId 'BitmapStoreConflict,BitmapBackup.NewDirtyBitmapCommand'
         Close-BlockNode lo
+        (Get-DirtyBitmap -Path $dev -BitmapStore $store).Name | Should -Be 'pers'
+        Get-DirtyBitmap -Path $dev | Should -BeNullOrEmpty
         $null = Open-BlockNode -Path $dev -Name lo
         (Get-BlockNode lo).Bitmaps | Should -BeNullOrEmpty -Because 'the default folder holds nothing for the device'
         $null = New-DirtyBitmap -Node lo -Name t -BitmapStore $store
