@@ -16,6 +16,7 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["compress"] = CompressBench.Run,
     ["nbd"] = NbdBench.Run,
     ["picture"] = PictureBench.Run,
+    ["devices"] = DeviceBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;

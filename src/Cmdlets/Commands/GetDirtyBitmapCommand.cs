@@ -33,6 +33,11 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     [Parameter(ParameterSetName = PathSet)]
     public SwitchParameter ForceShare { get; set; }
 
+    /// <summary>With -Path: the bitmap state folder to look in, for a block device or a raw file without a sidecar (default: ~/.local/state/BitmapBackup).</summary>
+    [Parameter(ParameterSetName = PathSet)]
+    [ValidateNotNullOrEmpty]
+    public string? BitmapStore { get; set; }
+
     /// <summary>Bitmap names to get; wildcards allowed. All bitmaps when omitted.</summary>
     [Parameter(Position = 0)]
     [SupportsWildcards]
@@ -90,7 +95,7 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     private void WriteStored(string path)
     {
         IReadOnlyList<StoredBitmap> stored = [];
-        if (!TryRun(() => stored = Engine.ReadStoredBitmaps(path, ForceShare)))
+        if (!TryRun(() => stored = Engine.ReadStoredBitmaps(path, ForceShare, BitmapStore is null ? null : ResolveFilePath(BitmapStore))))
             return;
         if (ForceShare)
             WriteForceShareWarning(path);

@@ -37,6 +37,14 @@ public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
     [Parameter]
     public SwitchParameter Disabled { get; set; }
 
+    /// <summary>
+    /// With -Persistent: the bitmap state folder to keep the bitmap in, for a block device or a raw file without a
+    /// sidecar (the folder the node was opened with, or any folder while the node keeps no persistent bitmap yet).
+    /// </summary>
+    [Parameter]
+    [ValidateNotNullOrEmpty]
+    public string? BitmapStore { get; set; }
+
     #endregion
 
     internal override bool IsTransactional => true;
@@ -50,6 +58,8 @@ public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
         if (!ShouldProcess($"{node.Name}/{Name}", "Add dirty bitmap"))
             return;
         long? granularity = MyInvocation.BoundParameters.ContainsKey(nameof(Granularity)) ? Granularity : null;
+        if (BitmapStore is not null && !TryRun(() => node.UseBitmapStore(ResolveFilePath(BitmapStore))))
+            return;
         if (TransactionScope.Current is { } scope)
         {
             var action = new AddBitmapAction(node, Name, granularity, Persistent, Disabled);

@@ -34,6 +34,14 @@ public sealed class OpenBlockNodeCommand : BitmapBackupCmdlet
     [Parameter]
     public SwitchParameter ForceShare { get; set; }
 
+    /// <summary>
+    /// The bitmap state folder that keeps the persistent bitmaps of a block device, or of a raw file that cannot keep a
+    /// sidecar; by default $XDG_STATE_HOME/BitmapBackup (~/.local/state/BitmapBackup). Refused for a qcow2 image.
+    /// </summary>
+    [Parameter]
+    [ValidateNotNullOrEmpty]
+    public string? BitmapStore { get; set; }
+
     #endregion
 
     #region Overrides
@@ -49,7 +57,7 @@ public sealed class OpenBlockNodeCommand : BitmapBackupCmdlet
     {
         string path = ResolveFilePath(Path);
         BlockNode? node = null;
-        if (TryRun(() => node = Engine.Open(path, Name, ReadOnly, ForceShare, Cache)))
+        if (TryRun(() => node = Engine.Open(path, Name, ReadOnly, ForceShare, Cache, BitmapStore is null ? null : ResolveFilePath(BitmapStore))))
         {
             if (ForceShare)
                 WriteForceShareWarning(path);

@@ -24,7 +24,7 @@ public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
-    /// <summary>The new standalone image; it must not exist.</summary>
+    /// <summary>The new standalone image; it must not exist. Or a block device of the chain's size, overwritten in place (raw).</summary>
     [Parameter(Mandatory = true, Position = 1)]
     [ValidateNotNullOrEmpty]
     public string Destination { get; set; } = null!;
@@ -54,7 +54,8 @@ public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
     {
         string path = ResolveFilePath(Path);
         string destination = ResolveFilePath(Destination);
-        if (!ShouldProcess(destination, $"Restore the chain of '{path}'"))
+        bool device = Core.IO.BlockDevice.IsAt(destination);
+        if (!ShouldProcess(destination, device ? $"Overwrite the block device with the chain of '{path}'" : $"Restore the chain of '{path}'"))
             return;
         BlockNode? node = null;
         BackupJob job;
@@ -64,6 +65,7 @@ public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
             job = BackupJob.Prepare(new BackupRequest
             {
                 Source = node, Target = destination, Sync = BackupSyncMode.Full, TargetFormat = Format, BytesPerSecond = BytesPerSecond,
+                UseExistingTarget = device, // a device is written in place: it exists, and nothing can be renamed over it
             });
             using (node.Quiesce())
                 job.Freeze();

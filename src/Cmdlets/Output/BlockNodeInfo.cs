@@ -1,3 +1,4 @@
+using BitmapBackup.Core.Persistence;
 using BitmapBackup.Core.Nodes;
 
 namespace BitmapBackup;
@@ -16,6 +17,12 @@ public sealed class BlockNodeInfo
         Cache = node.Cache;
         BackingFile = node.Image.BackingFile;
         Bitmaps = node.Bitmaps.Select(b => b.Name!).ToArray();
+        if (node.Image.Device is { } device)
+        {
+            LogicalSectorSize = device.LogicalSectorSize;
+            PhysicalSectorSize = device.PhysicalSectorSize;
+        }
+        BitmapStore = (node.Store as StateFolderBitmapStore)?.Path;
     }
 
     /// <summary>The node name, unique in the session.</summary>
@@ -42,6 +49,15 @@ public sealed class BlockNodeInfo
 
     /// <summary>Names of the node's dirty bitmaps.</summary>
     public string[] Bitmaps { get; }
+
+    /// <summary>For a block device (or an image on one): the smallest unit it addresses in bytes (BLKSSZGET); empty for a file.</summary>
+    public int? LogicalSectorSize { get; }
+
+    /// <summary>For a block device (or an image on one): the unit it writes without read-modify-write (BLKPBSZGET); empty for a file.</summary>
+    public int? PhysicalSectorSize { get; }
+
+    /// <summary>The file in a bitmap state folder that keeps the node's persistent bitmaps, or empty (kept in the image or its sidecar).</summary>
+    public string? BitmapStore { get; }
 
     /// <summary>The node name, so the object converts to a node reference anywhere a name is accepted.</summary>
     public override string ToString() => Name;

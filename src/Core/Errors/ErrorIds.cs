@@ -25,6 +25,7 @@ public static class ErrorIds
     public const string OffsetOutOfRange = "OffsetOutOfRange";
     public const string InvalidLength = "InvalidLength";
     public const string UnsupportedFormat = "UnsupportedFormat";
+    public const string DeviceSizeFixed = "DeviceSizeFixed";
 
     // Dirty bitmaps
     public const string BitmapNotFound = "BitmapNotFound";
@@ -39,6 +40,7 @@ public static class ErrorIds
     public const string MergeSourceMissing = "MergeSourceMissing";
     public const string InvalidMergeSource = "InvalidMergeSource";
     public const string PersistenceNotSupported = "PersistenceNotSupported";
+    public const string BitmapStoreConflict = "BitmapStoreConflict";
 
     // qcow2 images and backing chains
     public const string ImageCorrupt = "ImageCorrupt";

@@ -114,6 +114,19 @@ internal static class ImageFiles
         }
     }
 
+    /// <summary>
+    /// The length in bytes of an open image: a regular file's size, or a block device's (BLKGETSIZE64: the size stat
+    /// reports for a device is 0).
+    /// </summary>
+    public static long Length(SafeFileHandle handle, string path)
+    {
+        long length = 0;
+        Io(path, "read", () => length = OperatingSystem.IsLinux() && LinuxFile.GetKind(handle, out FileKind kind, out _) == 0 && kind == FileKind.BlockDevice
+            ? BlockDevice.ReadSize(handle)
+            : RandomAccess.GetLength(handle));
+        return length;
+    }
+
     /// <summary>Run an I/O call and turn an OS failure into a <see cref="BlockException"/> naming the image.</summary>
     public static void Io(string path, string what, Action action)
     {

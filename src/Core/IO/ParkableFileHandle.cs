@@ -132,7 +132,7 @@ internal sealed class ParkableFileHandle : IDisposable
         DateTime modified = default;
         ImageFiles.Io(path, "read", () =>
         {
-            length = RandomAccess.GetLength(handle);
+            length = ImageFiles.Length(handle, path);
             modified = File.GetLastWriteTimeUtc(handle);
         });
         return (length, modified);

@@ -80,13 +80,16 @@ public sealed class BlockEngine
     /// Open an image as a node. Without <paramref name="name"/> the node is named after the file (made unique).
     /// With <paramref name="forceShare"/> (read-only only) the image is read without image locks, as QEMU's
     /// force-share=on: it opens while another process writes it, and what it reads may be changing.
+    /// <paramref name="bitmapStore"/> is the bitmap state folder for an image that cannot hold its persistent
+    /// bitmaps (<see cref="StoreFor"/>); null: the default one.
     /// </summary>
     /// <remarks>
     /// The engine's lock is never held while the file is opened, locked or read (an open can block on the outside
     /// world: a slow or hung file system): the name and the path are reserved under the lock, the image is opened
     /// outside it, and the node is registered under it again. A reserved name or path counts as taken.
     /// </remarks>
-    public BlockNode Open(string path, string? name = null, bool readOnly = false, bool forceShare = false, CacheMode cache = CacheMode.WriteBack)
+    public BlockNode Open(string path, string? name = null, bool readOnly = false, bool forceShare = false, CacheMode cache = CacheMode.WriteBack,
+        string? bitmapStore = null)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (name is not null)
@@ -111,9 +114,9 @@ public sealed class BlockEngine
         try
         {
             IBlockImage image = OpenImage(fullPath, readOnly, forceShare);
-            node = new BlockNode(name, image, StoreFor(image), cache);
             try
             {
+                node = new BlockNode(name, image, StoreFor(image, bitmapStore), cache);
                 node.LoadPersistentBitmaps();
             }
             catch
@@ -144,22 +147,46 @@ public sealed class BlockEngine
     /// store (its stored state: in use while open). Otherwise the image is opened read-only (as a reader, or
     /// without locks with <paramref name="forceShare"/>) for the time of the read.
     /// </summary>
-    public IReadOnlyList<StoredBitmap> ReadStoredBitmaps(string path, bool forceShare = false)
+    public IReadOnlyList<StoredBitmap> ReadStoredBitmaps(string path, bool forceShare = false, string? bitmapStore = null)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
         if (Nodes.FirstOrDefault(n => n.Path == fullPath) is { Store: { } open })
             return open.Load();
         using IBlockImage image = OpenImage(fullPath, readOnly: true, forceShare);
-        return StoreFor(image)?.Load() ?? [];
+        return StoreFor(image, bitmapStore)?.Load() ?? [];
     }
 
-    /// <summary>Where an image keeps persistent bitmaps.</summary>
-    public static IBitmapStore? StoreFor(IBlockImage image) => image switch
+    /// <summary>
+    /// Where an image keeps persistent bitmaps: a qcow2 image in itself; a raw file in its sidecar
+    /// ("&lt;image&gt;.bitmaps"); a block device, and a raw file whose folder cannot take a sidecar (read-only, or
+    /// another user's) or that is given a <paramref name="bitmapStore"/>, in a bitmap state folder
+    /// (<see cref="StateFolderBitmapStore"/>), <paramref name="bitmapStore"/> or the default one.
+    /// </summary>
+    /// <exception cref="BlockException">BitmapStoreConflict: a state folder given for a qcow2 image, or for a raw file that has a sidecar.</exception>
+    public static IBitmapStore? StoreFor(IBlockImage image, string? bitmapStore = null)
     {
-        RawImage raw => new RawBitmapSidecar(raw.Path),
-        Qcow2Image qcow2 => new Qcow2BitmapStore(qcow2),
-        _ => null,
-    };
+        switch (image)
+        {
+            case Qcow2Image qcow2:
+                if (bitmapStore is not null)
+                    Throw.Block(ErrorIds.BitmapStoreConflict, BlockErrorCategory.InvalidArgument,
+                        $"'{image.Path}' is a qcow2 image: it stores its persistent bitmaps in itself, not in a bitmap state folder ('{bitmapStore}').", image.Path);
+                return new Qcow2BitmapStore(qcow2);
+            case RawImage raw when raw.Device is not null:
+                return new StateFolderBitmapStore(bitmapStore, raw.Identity, raw.Path, () => raw.Size);
+            case RawImage raw:
+                var sidecar = new RawBitmapSidecar(raw.Path);
+                bool hasSidecar = File.Exists(sidecar.Path);
+                if (bitmapStore is not null && hasSidecar)
+                    Throw.Block(ErrorIds.BitmapStoreConflict, BlockErrorCategory.InvalidArgument,
+                        $"'{raw.Path}' keeps its persistent bitmaps in its sidecar '{sidecar.Path}', not in a bitmap state folder ('{bitmapStore}'): open it without -BitmapStore.", raw.Path);
+                if (bitmapStore is null && (hasSidecar || IO.LinuxFile.CanWriteIn(System.IO.Path.GetDirectoryName(raw.Path)!)))
+                    return sidecar;
+                return new StateFolderBitmapStore(bitmapStore, raw.Identity, raw.Path, () => raw.Size);
+            default:
+                return null;
+        }
+    }
 
     public BlockNode? Find(string name)
     {

@@ -62,7 +62,7 @@ public sealed class BlockNode : IDisposable
     public BlockException? LastWriteBackError => Volatile.Read(ref _lastWriteBackError);
 
     /// <summary>Where the image keeps persistent bitmaps, or null when its format cannot.</summary>
-    public IBitmapStore? Store { get; }
+    public IBitmapStore? Store { get; private set; }
 
     public string Name { get; }
 
@@ -498,12 +498,42 @@ public sealed class BlockNode : IDisposable
                     ReadOnly = ReadOnly,
                 };
                 if (stored.Bits is { } bits)
+                {
                     bitmap.LoadBits(bits);
+                    // The disk grew since the bits were stored (a device grown by lvextend or losetup -c while no node
+                    // had it open): the new range is dirty, as a resize of the node marks it. A shrink only cuts bits off.
+                    if (stored.DiskSize is long recorded && recorded < Size && stored.Auto && !stored.InUse)
+                        bitmap.MarkLocked(recorded, Size - recorded);
+                }
                 AttachLocked(bitmap);
             }
             if (!ReadOnly && _bitmaps.Count > 0)
                 Store.MarkInUse(PersistentLocked());
         }
+    }
+
+    /// <summary>
+    /// Keep this node's persistent bitmaps in the bitmap state folder <paramref name="folder"/> (New-DirtyBitmap
+    /// -BitmapStore): nothing to do when they are kept there already; otherwise the node switches folders, and loads
+    /// what the new folder holds for its image, only while it keeps no persistent bitmap anywhere else.
+    /// </summary>
+    /// <exception cref="BlockException">BitmapStoreConflict: a qcow2 image, a raw file with a sidecar, or persistent bitmaps kept elsewhere.</exception>
+    public void UseBitmapStore(string folder)
+    {
+        CheckOpen();
+        string full = System.IO.Path.GetFullPath(folder);
+        lock (Sync)
+        {
+            if (Store is StateFolderBitmapStore current && current.Folder == full)
+                return;
+            IBitmapStore? next = BlockEngine.StoreFor(Image, full);
+            if (PersistentLocked() is { Length: > 0 } kept)
+                Throw.Block(ErrorIds.BitmapStoreConflict, BlockErrorCategory.InvalidOperation,
+                    $"Node '{Name}' keeps persistent bitmap '{kept[0].Name}' in {(Store is StateFolderBitmapStore s ? $"the bitmap state folder '{s.Folder}'" : $"'{Path}'")}, not in '{full}': " +
+                    "give the folder it was opened with, or remove its persistent bitmaps first.", Name);
+            Store = next;
+        }
+        LoadPersistentBitmaps();
     }
 
     /// <summary>Write persistent bitmaps with their bits (clean close).</summary>

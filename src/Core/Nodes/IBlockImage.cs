@@ -37,4 +37,13 @@ public interface IBlockImage : IDisposable
 
     /// <summary>Allocation of [offset, offset+length) as contiguous extents in order, covering the whole range.</summary>
     IEnumerable<AllocationExtent> GetAllocation(long offset, long length);
+
+    /// <summary>The block device the image is, or is stored on; null for an image in a file.</summary>
+    IO.BlockDevice? Device => null;
+
+    /// <summary>
+    /// Discard the range: the format may drop its data (a raw device: BLKDISCARD where the device supports it). What
+    /// it reads afterwards is the format's to say; by default the range is zeroed, deallocating where it can.
+    /// </summary>
+    void Discard(long offset, long length) => WriteZeroes(offset, length);
 }

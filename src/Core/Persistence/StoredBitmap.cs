@@ -11,4 +11,11 @@ public sealed record StoredBitmap(string Name, long Granularity, bool InUse, boo
 {
     /// <summary>Dirty bytes as QEMU counts them (bits × granularity), or 0 when the bits were not loaded.</summary>
     public long Count => (Bits?.Count ?? 0) * Granularity;
+
+    /// <summary>
+    /// The disk's size in bytes when the bits were stored, where the store records it (the sidecar and the state
+    /// folder); null where it does not (qcow2 keeps the bitmap with the image it sizes). A disk that has grown since has
+    /// the grown range marked dirty at the load, as a resize would mark it.
+    /// </summary>
+    public long? DiskSize { get; init; }
 }

@@ -33,6 +33,7 @@ internal sealed class Qcow2Allocator
     private long _freeHint;
     private long _endCluster;
     private long _freeByteOffset; // next free byte of the host cluster compressed data is packed into; 0: none
+    private long _limitCluster = long.MaxValue; // first cluster past the end of a block device: nothing is allocated there
 
     private Qcow2Allocator(Qcow2File file, Qcow2Refcounts refcounts, Qcow2MetadataRegions regions, Qcow2Header header)
     {
@@ -77,8 +78,31 @@ internal sealed class Qcow2Allocator
         }
         if (lastUsed >= fileClusters + TolerancePastEnd)
             Qcow2Errors.Corrupt(file.Path, $"refcounts mark cluster {lastUsed} as used, far past the end of the file ({fileClusters} clusters); run 'qemu-img check -r all'");
-        allocator._endCluster = Math.Max(fileClusters, lastUsed + 1);
+        if (file.Device is null)
+        {
+            allocator._endCluster = Math.Max(fileClusters, lastUsed + 1);
+        }
+        else
+        {
+            // On a block device the "file" is as long as the device whatever the image uses: the image ends after its
+            // last used cluster, new clusters go after it, and none past the device's end (ENOSPC, as QEMU meets it).
+            allocator._endCluster = lastUsed + 1;
+            allocator._limitCluster = file.Length >> cb;
+        }
         return allocator;
+    }
+
+    /// <summary>
+    /// Refuse, before anything changes, an allocation that would end past <paramref name="endCluster"/> on a block
+    /// device: the device cannot grow, so the image is out of space (ENOSPC), as a file system that is full.
+    /// </summary>
+    private void CheckRoom(long endCluster)
+    {
+        if (endCluster <= _limitCluster)
+            return;
+        _limitCluster = _file.RefreshDeviceLength() >> _clusterBits; // grown meanwhile (lvextend)?
+        if (endCluster > _limitCluster)
+            Qcow2Errors.NoSpace(_file.Path, _file.Length);
     }
 
     private static long LastNonZeroEntry(ReadOnlySpan<byte> block, int order)
@@ -112,6 +136,7 @@ internal sealed class Qcow2Allocator
             }
             if (_refcounts.Get(c) == 0 && _regions.Describe(c) is null)
             {
+                CheckRoom(c + 1);
                 _refcounts.Set(c, 1);
                 _freeHint = c + 1;
                 _endCluster = Math.Max(_endCluster, c + 1);
@@ -141,6 +166,7 @@ internal sealed class Qcow2Allocator
             }
             if (!covered)
                 continue;
+            CheckRoom(start + count);
             for (long c = start; c < start + count; c++)
                 _refcounts.Set(c, 1);
             _endCluster = start + count;
@@ -294,6 +320,7 @@ internal sealed class Qcow2Allocator
         {
             if (_regions.Describe(c) is not null)
                 continue;
+            CheckRoom(c + 1);
             var data = new byte[1 << _clusterBits];
             Qcow2RefcountBlock.Set(data, _refcounts.RefcountOrder, c - first, 1);
             _refcounts.AddBlock(tableIndex, c << _clusterBits, data, dirty: true);
@@ -338,6 +365,7 @@ internal sealed class Qcow2Allocator
             tableClusters = Math.Max(tableClusters, newTableClusters);
         }
         // Blocks at [start, start + blocks), table right after; reserve exactly what the layout computed.
+        CheckRoom(start + blocks + tableClusters);
         long newCount = (tableClusters << cb) / sizeof(ulong); // use the whole clusters
         long tableStart = start + blocks;
         long layoutEnd = tableStart + tableClusters;

@@ -28,4 +28,11 @@ internal static class Qcow2Errors
     public static void TooLarge(string path, string what)
         => throw new BlockException(ErrorIds.ImageTooLarge, BlockErrorCategory.InvalidOperation,
             $"qcow2 image '{path}' cannot grow further: {what}.", path);
+
+    /// <summary>A qcow2 image on a block device has no free cluster left: ENOSPC, the error a full file system gives.</summary>
+    [DoesNotReturn]
+    public static void NoSpace(string path, long deviceSize)
+        => throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+            $"I/O error on image '{path}' during write: No space left on device (the qcow2 image fills its block device of {deviceSize} bytes; grow the device, then write again).",
+            path, new IOException("No space left on device", 28));
 }

@@ -19,7 +19,8 @@ internal sealed class Qcow2File : IDisposable
     {
         Path = path;
         _handle = handle;
-        Length = Get(() => RandomAccess.GetLength(handle), "read");
+        Length = ImageFiles.Length(handle, path);
+        Device = Get(() => BlockDevice.Of(handle), "read");
     }
 
     /// <summary>A read-only file whose descriptor the process's budget of open backing files may close while idle.</summary>
@@ -30,7 +31,7 @@ internal sealed class Qcow2File : IDisposable
         SafeFileHandle handle = Enter();
         try
         {
-            Length = Get(() => RandomAccess.GetLength(handle), "read");
+            Length = ImageFiles.Length(handle, Path);
         }
         finally
         {
@@ -47,7 +48,13 @@ internal sealed class Qcow2File : IDisposable
 
     public string Path { get; }
 
-    /// <summary>Current length of the file in bytes (grows with writes past the end).</summary>
+    /// <summary>
+    /// The block device the image is on (qcow2 written straight onto an LVM volume, as oVirt does), or null for a file.
+    /// A device is as long as it is: the image cannot grow past its end, where a write fails with ENOSPC.
+    /// </summary>
+    public BlockDevice? Device { get; }
+
+    /// <summary>Current length of the file in bytes (grows with writes past the end); a device's size.</summary>
     public long Length { get; private set; }
 
     /// <summary>
@@ -112,6 +119,21 @@ internal sealed class Qcow2File : IDisposable
             Exit();
         }
         Length = Math.Max(Length, offset + data.Length);
+    }
+
+    /// <summary>Read a block device's size again (it may have been grown since the open); returns the length. Only for a device.</summary>
+    public long RefreshDeviceLength()
+    {
+        SafeFileHandle handle = Enter();
+        try
+        {
+            Length = ImageFiles.Length(handle, Path);
+        }
+        finally
+        {
+            Exit();
+        }
+        return Length;
     }
 
     /// <summary>Make the file at least <paramref name="length"/> bytes long (the new part reads as zeros).</summary>

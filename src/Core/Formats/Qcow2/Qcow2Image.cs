@@ -99,6 +99,9 @@ public sealed partial class Qcow2Image : IBlockImage
 
     public int ClusterSize => _clusterSize;
 
+    /// <summary>The block device the image is written on (qcow2 on an LVM volume), or null for a file.</summary>
+    public IO.BlockDevice? Device => _file.Device;
+
     /// <summary>Read-only: opened so, or marked corrupt while open (<see cref="MarkCorrupt"/>).</summary>
     public bool ReadOnly => _allocator is null || _markedCorrupt;
 

@@ -9,10 +9,19 @@ namespace BitmapBackup.Core.Formats.Raw;
 /// holes where the file system can, and the allocation map reports holes as <see cref="AllocationState.Zero"/>
 /// and everything else as data, as <c>qemu-img map</c> does for raw files.
 /// </summary>
+/// <remarks>
+/// As QEMU's raw driver: a file whose length is not a multiple of 512 bytes is a disk of the length rounded up to
+/// whole sectors, the bytes past the end of the file reading as zeros (a 1000-byte file is a 1024-byte disk; a write
+/// there extends the file). A block device (QEMU's host_device) is a disk of the device's size; it zeroes ranges
+/// with BLKZEROOUT, discards with BLKDISCARD where it can, reports all of itself as data (a device has no holes
+/// to report: a backup's zero detection keeps its target sparse), and changes size only when the device does.
+/// </remarks>
 public sealed class RawImage : IBlockImage
 {
     private const int HoleAlignment = 4096;
+    private const int SectorSize = 512;
     private readonly SafeFileHandle _handle;
+    private readonly BlockDevice? _device;
     private long _size;
 
     private RawImage(string path, SafeFileHandle handle, bool readOnly)
@@ -20,8 +29,27 @@ public sealed class RawImage : IBlockImage
         Path = path;
         _handle = handle;
         ReadOnly = readOnly;
-        _size = RandomAccess.GetLength(handle);
+        try
+        {
+            _device = BlockDevice.Of(handle);
+            _size = _device is null ? AlignUp(RandomAccess.GetLength(handle), SectorSize) : BlockDevice.ReadSize(handle);
+        }
+        catch (IOException e)
+        {
+            handle.Dispose();
+            throw new Errors.BlockException(Errors.ErrorIds.ImageIOFailed, Errors.BlockErrorCategory.ReadError,
+                $"Cannot read the size of image '{path}': {e.Message}", path, e);
+        }
     }
+
+    /// <summary>The block device this image is, or null for a file.</summary>
+    public BlockDevice? Device => _device;
+
+    /// <summary>
+    /// The stable identity of the image (a device's by-id name, a loop device's backing file, a file's inode), for
+    /// state kept outside it; null where it has none.
+    /// </summary>
+    public ImageIdentity? Identity => _device is { } device ? ImageIdentity.OfDevice(_handle, device) : ImageIdentity.OfFile(_handle, Path);
 
     public ImageFormat Format => ImageFormat.Raw;
     public string Path { get; }
@@ -83,6 +111,19 @@ public sealed class RawImage : IBlockImage
 
     public void WriteZeroes(long offset, long length)
     {
+        if (_device is { } device)
+        {
+            // The device zeroes the sector-aligned middle itself; an unaligned head and tail are written as zeros.
+            (long start, long zeroed) = device.ZeroOut(_handle, offset, length);
+            if (zeroed == 0)
+            {
+                WriteZeroBytes(offset, length);
+                return;
+            }
+            WriteZeroBytes(offset, start - offset);
+            WriteZeroBytes(start + zeroed, offset + length - start - zeroed);
+            return;
+        }
         long end = offset + length;
         long holeStart = (offset + HoleAlignment - 1) / HoleAlignment * HoleAlignment;
         long holeEnd = end == Size ? end : end / HoleAlignment * HoleAlignment;
@@ -117,14 +158,51 @@ public sealed class RawImage : IBlockImage
         ImageFiles.Io(Path, "flush", () => LinuxFile.DataSync(_handle));
     }
 
+    /// <summary>
+    /// Discard the range. A device discards the part aligned to its discard unit (BLKDISCARD), where it can, and
+    /// leaves the rest as it is (what a discarded range reads is the device's to say); a file punches a hole.
+    /// </summary>
+    public void Discard(long offset, long length)
+    {
+        if (_device is { } device)
+        {
+            Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileWrite, offset, length);
+            device.Discard(_handle, offset, length);
+            return;
+        }
+        WriteZeroes(offset, length);
+    }
+
+    /// <summary>
+    /// Set the file's length. A block device cannot be resized here: its size is the device's (lvextend, losetup -c
+    /// change it), and the only size accepted is the one it has now, which the node then takes (QEMU's block_resize
+    /// of a host_device refuses to grow it too).
+    /// </summary>
+    /// <exception cref="Errors.BlockException">DeviceSizeFixed, ImageIOFailed.</exception>
     public void Resize(long newSize)
     {
+        if (_device is not null)
+        {
+            long deviceSize = 0;
+            ImageFiles.Io(Path, "resize", () => deviceSize = BlockDevice.ReadSize(_handle));
+            if (newSize != deviceSize)
+                Errors.Throw.Block(Errors.ErrorIds.DeviceSizeFixed, Errors.BlockErrorCategory.InvalidOperation,
+                    $"'{Path}' is a block device of {deviceSize} bytes: its size is the device's, so it can only be set to {deviceSize}. " +
+                    "Grow or shrink the device itself (lvextend, losetup -c, ...), then resize the node to the device's new size.", Path);
+            Volatile.Write(ref _size, newSize);
+            return;
+        }
         ImageFiles.Io(Path, "resize", () => RandomAccess.SetLength(_handle, newSize));
         Volatile.Write(ref _size, newSize);
     }
 
     public IEnumerable<AllocationExtent> GetAllocation(long offset, long length)
     {
+        if (_device is not null)
+        {
+            yield return new AllocationExtent(offset, length, AllocationState.Data);
+            yield break;
+        }
         long end = offset + length;
         long pos = offset;
         while (pos < end)
@@ -151,4 +229,6 @@ public sealed class RawImage : IBlockImage
     }
 
     public void Dispose() => _handle.Dispose();
+
+    private static long AlignUp(long n, long unit) => (n + unit - 1) / unit * unit;
 }
