@@ -36,6 +36,7 @@ public sealed class CompleteIncrementalBackupCommand : BitmapBackupCmdlet
             return;
         if (!TryRun(Job.Backup.Complete))
             return;
+        Job.Completing();
         if (Wait)
             Job.Backup.Completion.Wait();
         if (PassThru)

@@ -164,10 +164,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
     internal static BackupPSJob StartAsPSJob(PSCmdlet cmdlet, BackupJob job, string commandLine, string? jobName)
     {
         var psJob = new BackupPSJob(job, commandLine, jobName);
-        var definition = new JobDefinition(typeof(BackupJobSourceAdapter), commandLine, psJob.Name);
-        var parameters = new Dictionary<string, object> { [BackupPSJob.ParameterName] = psJob };
-        Job2 registered = cmdlet.JobManager.NewJob(new JobInvocationInfo(definition, parameters));
-        System.Diagnostics.Debug.Assert(registered == psJob, "The adapter must return the job it was given.");
+        BackupJobSourceAdapter.Register(cmdlet, psJob, commandLine);
         RunningBackups.Track(job, psJob.Name);
         psJob.StartJob();
         return psJob;
