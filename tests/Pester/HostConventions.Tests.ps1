@@ -140,3 +140,62 @@ Describe 'A backup that waits for Complete-IncrementalBackup is Blocked' {
         }
     }
 }
+
+Describe 'Sizes the file system cannot hold' {
+    BeforeAll {
+        $BigDir = New-TestDirectory
+        $FileSystem = (& df --output=fstype $BigDir | Select-Object -Last 1).Trim()
+        $HasLimit = $FileSystem -in 'ext2', 'ext3', 'ext4'
+        $Skip = "the test folder is on $FileSystem, which has no 16 TiB file size limit (ext2/3/4 with 4 KiB blocks do)"
+    }
+    AfterEach {
+        Close-TestNode
+    }
+
+    It 'New-BlockImage of a 20 TB raw image: ImageTooLargeForFileSystem naming the file system, no file left, a retry works' {
+        if (-not $HasLimit) { Set-ItResult -Skipped -Because $Skip; return }
+        $path = Join-Path $BigDir 'big.raw'
+        $record = Assert-BlockError { New-BlockImage -Path $path -Size 20TB -ErrorAction Stop } -ErrorId 'ImageTooLargeForFileSystem,BitmapBackup.NewBlockImageCommand' `
+            -MessageContains "'$path'", "($FileSystem)", '17592186040320 bytes (16 TiB)' -Category InvalidArgument
+        $record.Exception.Message | Should -BeLike '*21990232555520 bytes (20 TiB)*'
+        Test-Path -LiteralPath $path | Should -BeFalse
+        (New-BlockImage -Path $path -Size 1MB).Size | Should -Be 1MB
+    }
+
+    It 'New-BlockImage of the largest size ext4 takes (16 TiB less 4 KiB) works, one 512-byte sector more does not' {
+        if (-not $HasLimit) { Set-ItResult -Skipped -Because $Skip; return }
+        $path = Join-Path $BigDir 'edge.raw'
+        (New-BlockImage -Path $path -Size (16TB - 4KB)).Size | Should -Be (16TB - 4KB)
+        Remove-Item -LiteralPath $path
+        $null = Assert-BlockError { New-BlockImage -Path $path -Size (16TB - 3584) -ErrorAction Stop } -ErrorId 'ImageTooLargeForFileSystem,BitmapBackup.NewBlockImageCommand'
+        Test-Path -LiteralPath $path | Should -BeFalse
+    }
+
+    It 'Resize-BlockNode of a raw node to 1 PB: ImageTooLargeForFileSystem, the node and its file keep their size and data' {
+        if (-not $HasLimit) { Set-ItResult -Skipped -Because $Skip; return }
+        $path = Join-Path $BigDir 'small.raw'
+        $null = New-BlockImage -Path $path -Size 1MB
+        $node = Open-BlockNode -Path $path -Name (New-TestName 'n')
+        Write-BlockNode -Node $node.Name -Offset 0 -Pattern 0x5a -Length 1MB -Confirm:$false
+        $null = Assert-BlockError { Resize-BlockNode -Node $node.Name -Size 1PB -Confirm:$false -ErrorAction Stop } -ErrorId 'ImageTooLargeForFileSystem,BitmapBackup.ResizeBlockNodeCommand' `
+            -MessageContains "($FileSystem)", '1 PiB'
+        (Get-BlockNode -Name $node.Name).Size | Should -Be 1MB
+        Close-TestNode
+        (Get-Item -LiteralPath $path).Length | Should -Be 1MB
+        @([Linq.Enumerable]::Distinct([byte[]][IO.File]::ReadAllBytes($path))) | Should -Be @(0x5a)
+    }
+
+    It 'a raw backup target of a 20 TB node: ImageTooLargeForFileSystem, no .partial left, the node can still be backed up' {
+        if (-not $HasLimit) { Set-ItResult -Skipped -Because $Skip; return }
+        $source = Join-Path $BigDir 'huge.qcow2'
+        $null = New-BlockImage -Path $source -Size 20TB -Format Qcow2
+        $node = Open-BlockNode -Path $source -Name (New-TestName 'n')
+        $target = Join-Path $BigDir 'huge-full.raw'
+        $null = Assert-BlockError { Start-IncrementalBackup -Node $node.Name -Target $target -Sync Full -TargetFormat Raw } -ErrorId 'ImageTooLargeForFileSystem,BitmapBackup.StartIncrementalBackupCommand' `
+            -MessageContains "($FileSystem)"
+        Test-Path -LiteralPath $target | Should -BeFalse
+        Test-Path -LiteralPath "$target.partial" | Should -BeFalse
+        $r = Start-IncrementalBackup -Node $node.Name -Target (Join-Path $BigDir 'huge-full.qcow2') -Sync Full -Wait
+        $r.Succeeded | Should -BeTrue
+    }
+}
