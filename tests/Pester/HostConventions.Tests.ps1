@@ -199,3 +199,149 @@ Describe 'Sizes the file system cannot hold' {
         $r.Succeeded | Should -BeTrue
     }
 }
+
+Describe 'Binding, naming and help conventions' {
+    BeforeAll {
+        Close-TestNode
+    }
+    AfterEach {
+        Get-Job | Where-Object PSJobTypeName -eq 'BitmapBackupJob' | Remove-Job -Force
+        Close-TestNode
+    }
+
+    It 'Get-DirtyBitmap takes the node at position 0 and the bitmap name at position 1, as the other bitmap cmdlets' {
+        $node = New-TestNode
+        $null = New-DirtyBitmap -Node $node.Name -Name daily
+        $null = New-DirtyBitmap -Node $node.Name -Name weekly
+        (Get-DirtyBitmap $node.Name).Name | Should -Be @('daily', 'weekly')
+        (Get-DirtyBitmap $node.Name week*).Name | Should -Be 'weekly'
+        (Get-Command Get-DirtyBitmap).Parameters['Node'].ParameterSets['Node'].Position | Should -Be 0
+    }
+
+    It 'Get-BlockNode a | Clear-DirtyBitmap does not take the node''s name for a bitmap''s: BitmapNameRequired, nothing cleared' {
+        $node = New-TestNode -Name (New-TestName 'n')
+        $null = New-DirtyBitmap -Node $node.Name -Name $node.Name   # a bitmap named like its node: the wrong binding would clear it
+        Write-BlockNode -Node $node.Name -Offset 0 -Pattern 1 -Length 64KB -Confirm:$false
+        $record = { Get-BlockNode -Name $node.Name | Clear-DirtyBitmap -Confirm:$false -ErrorAction Stop } | Should -Throw -PassThru
+        $record.FullyQualifiedErrorId | Should -BeExactly 'BitmapNameRequired,BitmapBackup.ClearDirtyBitmapCommand'
+        $record.Exception.Message | Should -BeLike "*-Name*"
+        (Get-DirtyBitmap -Node $node.Name -Name $node.Name).Count | Should -Be 65536
+        Get-BlockNode -Name $node.Name | Clear-DirtyBitmap -Name $node.Name -Confirm:$false
+        (Get-DirtyBitmap -Node $node.Name -Name $node.Name).Count | Should -Be 0
+        Write-BlockNode -Node $node.Name -Offset 0 -Pattern 1 -Length 64KB -Confirm:$false
+        Get-DirtyBitmap -Node $node.Name | Clear-DirtyBitmap -Confirm:$false   # bitmap objects bind node and name
+        (Get-DirtyBitmap -Node $node.Name -Name $node.Name).Count | Should -Be 0
+    }
+
+    It 'Start-IncrementalBackup -Wait | Get-BlockImage finds the target (alias Target)' {
+        $node = New-TestNode -Size 1MB
+        $target = Join-Path (New-TestDirectory) 'full.qcow2'
+        $info = Start-IncrementalBackup -Node $node.Name -Target $target -Sync Full -Wait | Get-BlockImage
+        $info.Path | Should -Be $target
+        (Get-Command Get-BlockImage).Parameters.Values.Aliases | Should -Contain 'Target'
+    }
+
+    It '<Verb>-IncrementalBackup takes -Name (wildcards) and -Id of this runspace''s backup jobs; an unknown one is JobNotFound' -ForEach @(
+        @{ Verb = 'Suspend' }, @{ Verb = 'Resume' }, @{ Verb = 'Complete' }
+    ) {
+        $node = New-TestNode -Size 4MB
+        Write-BlockNode -Node $node.Name -Offset 0 -Pattern 3 -Length 4MB -Confirm:$false
+        $dir = New-TestDirectory
+        $name = New-TestName 'job'
+        $options = if ($Verb -eq 'Complete') { @{ Sync = 'None' } } else { @{ Sync = 'Full'; BytesPerSecond = 64KB } }
+        $job = Start-IncrementalBackup -Node $node.Name -Target (Join-Path $dir 'b.qcow2') -JobName $name @options
+        switch ($Verb) {
+            'Suspend' {
+                (Suspend-IncrementalBackup -Name $name -PassThru -Confirm:$false).InstanceId | Should -Be $job.InstanceId
+                $job.JobStateInfo.State | Should -Be 'Suspended'
+            }
+            'Resume' {
+                Suspend-IncrementalBackup -Id $job.Id -Confirm:$false
+                $job.JobStateInfo.State | Should -Be 'Suspended'
+                (Resume-IncrementalBackup ($name.Substring(0, 5) + '*') -PassThru -Confirm:$false).InstanceId | Should -Be $job.InstanceId
+                $job.JobStateInfo.State | Should -Be 'Running'
+            }
+            'Complete' {
+                Complete-IncrementalBackup -Id $job.Id -Wait -Confirm:$false
+                $job.JobStateInfo.State | Should -Be 'Completed'
+            }
+        }
+        $command = "$Verb-IncrementalBackup"
+        $cmdlet = "BitmapBackup.$($Verb)IncrementalBackupCommand"
+        { & $command -Name 'nosuchjob' -Confirm:$false -ErrorAction Stop } | Should -Throw -ErrorId "JobNotFound,$cmdlet"
+        { & $command -Id 987654 -Confirm:$false -ErrorAction Stop } | Should -Throw -ErrorId "JobNotFound,$cmdlet"
+        @(& $command -Name 'nosuch*' -Confirm:$false -PassThru).Count | Should -Be 0 -Because 'a pattern that matches nothing is no error, as Get-Job'
+    }
+
+    It 'Test-IncrementalBackup -Quiet writes only $true or $false' {
+        $node = New-TestNode -Size 1MB
+        $dir = New-TestDirectory
+        $target = Join-Path $dir 'full.qcow2'
+        $null = Start-IncrementalBackup -Node $node.Name -Target $target -Sync Full -Wait
+        $ok = @(Test-IncrementalBackup -Path $target -Node $node.Name -Quiet)
+        $ok.Count | Should -Be 1
+        $ok[0] | Should -BeOfType [bool]
+        $ok[0] | Should -BeTrue
+        Write-BlockNode -Node $node.Name -Offset 0 -Pattern 9 -Length 512 -Confirm:$false
+        Test-IncrementalBackup -Path $target -Node $node.Name -Quiet | Should -BeFalse
+        $missing = @(Test-IncrementalBackup -Path (Join-Path $dir 'none.qcow2') -Node $node.Name -Quiet -ErrorVariable errors)
+        $missing | Should -Be @($false)
+        $errors | Should -BeNullOrEmpty
+    }
+
+    It 'format views at 80 columns keep the identifying column and whole node names of 31 characters' {
+        $name = 'n' + ('x' * 29) + 'z'
+        $name.Length | Should -Be 31
+        $dir = New-TestDirectory
+        $image = Join-Path $dir 'a.qcow2'
+        $null = New-BlockImage -Path $image -Size 1MB
+        $null = Open-BlockNode -Path $image -Name $name
+        $null = New-DirtyBitmap -Node $name -Name daily
+        Write-BlockNode -Node $name -Offset 0 -Pattern 1 -Length 512 -Confirm:$false
+        $node = Get-BlockNode -Name $name | Out-String -Width 80
+        $node | Should -Match "\b$name\b"
+        $node | Should -Match '\bPath\b'
+        (Get-DirtyBitmap -Node $name | Out-String -Width 80) | Should -Match "\b$name\s+daily\b"
+        (Get-DirtyBitmapRange -Node $name -Name daily | Out-String -Width 80) | Should -Match "\b$name\s+daily\s+0\s+65536\b"
+        $result = Start-IncrementalBackup -Node $name -Target (Join-Path $dir 'f.qcow2') -Sync Full -Wait | Out-String -Width 80
+        $result | Should -Match "\b$name\b"
+        $result | Should -Match '\bTarget\b'
+        $result | Should -Match 'f\.qcow2|…'
+        $image = Get-BlockImage -Path (Join-Path $dir 'f.qcow2') | Out-String -Width 80
+        $image | Should -Match '\bPath\b'
+        foreach ($text in $node, $result, $image) {
+            ($text -split "`n" | Measure-Object -Property Length -Maximum).Maximum | Should -BeLessOrEqual 80
+        }
+    }
+
+    It 'Get-Help about_BitmapBackup is found; the job cmdlets'' online help is not about_Jobs' {
+        $about = Get-Help about_BitmapBackup | Out-String
+        $about | Should -Match 'Complete-IncrementalBackup'
+        $about | Should -Match 'Blocked'
+        foreach ($c in 'Start-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup', 'Complete-IncrementalBackup', 'Restore-IncrementalBackup') {
+            "$((Get-Command $c).HelpUri)" | Should -Not -Match 'about_jobs' -Because "$c's online help is its own"
+        }
+        (Get-Help Start-IncrementalBackup).relatedLinks.navigationLink.linkText | Should -Contain 'about_Jobs'
+    }
+
+    It 'an image open as a node in this session is named as such, not as "another process"' {
+        $dir = New-TestDirectory
+        $image = Join-Path $dir 'a.qcow2'
+        $null = New-BlockImage -Path $image -Size 1MB
+        $name = New-TestName 'n'
+        $null = Open-BlockNode -Path $image -Name $name
+        $record = Assert-BlockError { Get-BackupChain -Path $image -ErrorAction Stop } -ErrorId 'ImageInUse,BitmapBackup.GetBackupChainCommand' -MessageContains "node '$name'", 'in this session'
+        $record.Exception.Message | Should -Not -Match 'another process'
+        Close-TestNode
+        (Get-BackupChain -Path $image).Count | Should -Be 1
+    }
+
+    It 'a folder is "a folder, not an image" also as -BackingFile' {
+        $dir = New-TestDirectory
+        $null = New-Item -ItemType Directory -Path (Join-Path $dir 'base.qcow2')
+        $null = Assert-BlockError { New-BlockImage -Path (Join-Path $dir 'top.qcow2') -BackingFile 'base.qcow2' -ErrorAction Stop } -ErrorId 'ImageIsFolder,BitmapBackup.NewBlockImageCommand' `
+            -MessageContains 'is a folder', 'not an image'
+        Test-Path -LiteralPath (Join-Path $dir 'top.qcow2') | Should -BeFalse
+        $null = Assert-BlockError { Get-BlockImage -Path (Join-Path $dir 'base.qcow2') -ErrorAction Stop } -ErrorId 'ImageIsFolder,BitmapBackup.GetBlockImageCommand' -MessageContains 'is a folder, not an image'
+    }
+}

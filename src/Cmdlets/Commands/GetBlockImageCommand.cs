@@ -13,7 +13,7 @@ public sealed class GetBlockImageCommand : BitmapBackupCmdlet
 
     /// <summary>Path of the image file.</summary>
     [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
-    [Alias("FullName")]
+    [Alias("FullName", "Target")]
     [ValidateNotNullOrEmpty]
     public string[] Path { get; set; } = null!;
 

@@ -18,7 +18,7 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     #region Parameters
 
     /// <summary>The node whose bitmaps to list: a name or a node object. All open nodes when omitted.</summary>
-    [Parameter(ParameterSetName = NodeSet, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
+    [Parameter(ParameterSetName = NodeSet, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]
@@ -34,7 +34,7 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     public SwitchParameter ForceShare { get; set; }
 
     /// <summary>Bitmap names to get; wildcards allowed. All bitmaps when omitted.</summary>
-    [Parameter(Position = 0)]
+    [Parameter(Position = 1)]
     [SupportsWildcards]
     [ArgumentCompleter(typeof(BitmapNameCompleter))]
     [ValidateNotNullOrEmpty]

@@ -13,6 +13,7 @@ namespace BitmapBackup;
 /// </summary>
 [Cmdlet(VerbsDiagnostic.Test, "IncrementalBackup", DefaultParameterSetName = NodeSet)]
 [OutputType(typeof(BackupVerification))]
+[OutputType(typeof(bool))]
 public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
 {
     private const string NodeSet = "Node";
@@ -48,6 +49,10 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
     [Parameter]
     public SwitchParameter ForceShare { get; set; }
 
+    /// <summary>Write only $true (the chain is valid and equal to what it is compared with) or $false, as Test-Path does.</summary>
+    [Parameter]
+    public SwitchParameter Quiet { get; set; }
+
     #endregion
 
     #region Overrides
@@ -60,7 +65,21 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
             BackupVerification result = Verify(path);
             if (ForceShare)
                 WriteForceShareWarning(path);
-            WriteObject(result);
+            if (Quiet)
+            {
+                foreach (string problem in result.Problems)
+                    WriteVerbose(problem);
+                WriteObject(result.Passed);
+            }
+            else
+            {
+                WriteObject(result);
+            }
+        }
+        catch (BlockException e) when (Quiet)
+        {
+            WriteVerbose($"{e.ErrorId}: {e.Message}");
+            WriteObject(false);
         }
         catch (BlockException e)
         {

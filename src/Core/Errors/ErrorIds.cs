@@ -66,6 +66,7 @@ public static class ErrorIds
     public const string BackupFailed = "BackupFailed";
     public const string BackupCancelled = "BackupCancelled";
     public const string JobStopTimedOut = "JobStopTimedOut";
+    public const string JobNotFound = "JobNotFound";
 
     // Digest manifests
     public const string DigestManifestNotFound = "DigestManifestNotFound";
