@@ -345,3 +345,103 @@ Describe 'Binding, naming and help conventions' {
         $null = Assert-BlockError { Get-BlockImage -Path (Join-Path $dir 'base.qcow2') -ErrorAction Stop } -ErrorId 'ImageIsFolder,BitmapBackup.GetBlockImageCommand' -MessageContains 'is a folder, not an image'
     }
 }
+
+Describe 'Provider paths' {
+    BeforeAll {
+        Close-TestNode
+    }
+    AfterEach {
+        Close-TestNode
+    }
+
+    It 'New-BlockImage <Path> is refused with ReadWriteFileNotFileSystemProvider and writes nothing to the process''s folder' -ForEach @(
+        @{ Path = 'Env:/bbx.raw' }, @{ Path = 'Alias:/bbx.raw' }, @{ Path = 'Variable:/bbx.raw' }
+    ) {
+        $before = @(Get-ChildItem -LiteralPath ([Environment]::CurrentDirectory) -Filter 'bbx.raw*')
+        $null = Assert-BlockError { New-BlockImage -Path $Path -Size 1MB -ErrorAction Stop } -ErrorId 'ReadWriteFileNotFileSystemProvider,BitmapBackup.NewBlockImageCommand' -Category InvalidArgument
+        @(Get-ChildItem -LiteralPath ([Environment]::CurrentDirectory) -Filter 'bbx.raw*').Count | Should -Be $before.Count
+        Test-Path -LiteralPath (Join-Path ([Environment]::CurrentDirectory) 'bbx.raw') | Should -BeFalse
+    }
+
+    It 'a relative path while the location is on Env: is refused too, for new images and backup targets' {
+        $node = New-TestNode
+        Push-Location Env:
+        try {
+            $null = Assert-BlockError { New-BlockImage -Path 'bby.raw' -Size 1MB -ErrorAction Stop } -ErrorId 'ReadWriteFileNotFileSystemProvider,BitmapBackup.NewBlockImageCommand'
+            $null = Assert-BlockError { Start-IncrementalBackup -Node $node.Name -Target 'bby.qcow2' -Sync Full -Wait } -ErrorId 'ReadWriteFileNotFileSystemProvider,BitmapBackup.StartIncrementalBackupCommand'
+        }
+        finally {
+            Pop-Location
+        }
+        Test-Path -LiteralPath (Join-Path ([Environment]::CurrentDirectory) 'bby.raw') | Should -BeFalse
+        Test-Path -LiteralPath (Join-Path ([Environment]::CurrentDirectory) 'bby.qcow2.partial') | Should -BeFalse
+    }
+
+    It '-BackingFile <Kind> is resolved as a PowerShell path and stored as the absolute path qemu-img reads' -ForEach @(
+        @{ Kind = 'on a drive (BB:/base.qcow2)' }, @{ Kind = 'under ~ (~/base.qcow2)' }
+    ) {
+        $baseDir = New-TestDirectory
+        $base = Join-Path $baseDir 'base.qcow2'
+        $null = New-BlockImage -Path $base -Size 1MB
+        $topDir = New-TestDirectory
+        $fileSystem = Get-PSProvider FileSystem
+        $home0 = $fileSystem.Home
+        $null = New-PSDrive -Name BB -PSProvider FileSystem -Root $baseDir
+        try {
+            $fileSystem.Home = $baseDir
+            $name = if ($Kind -like '*~*') { '~/base.qcow2' } else { 'BB:/base.qcow2' }
+            $top = New-BlockImage -Path (Join-Path $topDir 'top.qcow2') -BackingFile $name
+            $top.BackingFile | Should -Be $base
+            $node = Open-BlockNode -Path (Join-Path $topDir 'node.raw' | ForEach-Object { $null = New-BlockImage -Path $_ -Size 1MB; $_ })
+            $r = Start-IncrementalBackup -Node $node.Name -Target (Join-Path $topDir 'inc.qcow2') -Sync Top -BackingFile $name -Wait
+            $r.Succeeded | Should -BeTrue
+            (Get-BlockImage -Path (Join-Path $topDir 'inc.qcow2')).BackingFile | Should -Be $base
+        }
+        finally {
+            $fileSystem.Home = $home0
+            Remove-PSDrive -Name BB
+        }
+        if (Get-Command qemu-img -ErrorAction SilentlyContinue) {
+            (& qemu-img info --output=json (Join-Path $topDir 'top.qcow2') | ConvertFrom-Json).'full-backing-filename' | Should -Be $base
+        }
+    }
+
+    It 'a bare relative -BackingFile stays relative to the new image''s folder, as qemu-img stores it' {
+        $dir = New-TestDirectory
+        $null = New-BlockImage -Path (Join-Path $dir 'base.qcow2') -Size 1MB
+        $sub = Join-Path $dir 'sub'
+        $null = New-Item -ItemType Directory -Path $sub
+        (New-BlockImage -Path (Join-Path $sub 'top.qcow2') -BackingFile '../base.qcow2').BackingFile | Should -Be '../base.qcow2'
+    }
+
+    It 'Get-BlockImage a, nodrive:/x, b reports the bad drive and goes on' {
+        $dir = New-TestDirectory
+        $a = (New-BlockImage -Path (Join-Path $dir 'a.qcow2') -Size 1MB).Path
+        $b = (New-BlockImage -Path (Join-Path $dir 'b.qcow2') -Size 1MB).Path
+        $out = @(Get-BlockImage -Path $a, 'nodrive:/x.qcow2', 'Env:/x', $b -ErrorVariable errors -ErrorAction SilentlyContinue)
+        $out.Path | Should -Be @($a, $b)
+        @($errors.FullyQualifiedErrorId) | Should -Be @('DriveNotFound,BitmapBackup.GetBlockImageCommand', 'ReadWriteFileNotFileSystemProvider,BitmapBackup.GetBlockImageCommand')
+    }
+
+    It '-Path takes wildcards, -LiteralPath takes names as they are, and Get-ChildItem output binds (PSPath)' {
+        $dir = New-TestDirectory
+        $a = (New-BlockImage -Path (Join-Path $dir 'a.qcow2') -Size 1MB).Path
+        $b = (New-BlockImage -Path (Join-Path $dir 'b.qcow2') -Size 1MB).Path
+        $c = (New-BlockImage -Path (Join-Path $dir 'c[1].qcow2') -Size 1MB).Path   # a new file's name is never a pattern
+        $c | Should -Be (Join-Path $dir 'c[1].qcow2')
+        (Get-BlockImage -Path (Join-Path $dir '*.qcow2')).Path | Should -Be @($a, $b, $c)
+        (Get-BlockImage -Path (Join-Path $dir '?.qcow2')).Path | Should -Be @($a, $b)
+        @(Get-BlockImage -Path (Join-Path $dir 'none*.qcow2')).Count | Should -Be 0
+        (Get-BlockImage -Path $c).Path | Should -Be $c -Because 'a name that exists as it is is taken as it is'
+        (Get-BlockImage -LiteralPath $c).Path | Should -Be $c
+        (Get-ChildItem -LiteralPath $dir -Filter *.qcow2 | Get-BlockImage).Path | Should -Be @($a, $b, $c)
+        (Get-ChildItem -LiteralPath $dir -Filter 'c*.qcow2' | Get-BackupChain).Path | Should -Be $c
+        $nodes = @(Get-ChildItem -LiteralPath $dir | Where-Object Name -in 'a.qcow2', 'b.qcow2' | Open-BlockNode -ReadOnly)
+        $nodes.Path | Should -Be @($a, $b)
+        Close-TestNode
+        $nodes = @(Open-BlockNode -Path (Join-Path $dir '[ab].qcow2') -ReadOnly)
+        $nodes.Path | Should -Be @($a, $b)
+        Close-TestNode
+        (Open-BlockNode -LiteralPath $c -ReadOnly).Path | Should -Be $c
+    }
+}

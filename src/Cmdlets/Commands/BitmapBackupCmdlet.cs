@@ -71,6 +71,33 @@ public abstract class BitmapBackupCmdlet : PSCmdlet
         return node;
     }
 
-    /// <summary>A file-system path for a path the user gave, relative to the PowerShell location.</summary>
-    protected string ResolveFilePath(string path) => SessionState.Path.GetUnresolvedProviderPathFromPSPath(path);
+    /// <summary>
+    /// A file-system path for a path the user gave, relative to the PowerShell location; a path of another provider
+    /// (ReadWriteFileNotFileSystemProvider) or of an unknown drive (DriveNotFound) is a terminating error
+    /// (<see cref="FilePaths"/>).
+    /// </summary>
+    protected string ResolveFilePath(string path)
+        => FilePaths.ToFileSystem(this, path, out ErrorRecord? error) ?? throw Terminated(error!);
+
+    /// <summary>
+    /// The existing files -Path (wildcards) or -LiteralPath names; a path that cannot be a file (another provider, an
+    /// unknown drive) is reported as a non-terminating error and yields nothing.
+    /// </summary>
+    protected IReadOnlyList<string> ResolveExistingFiles(string path, bool literal)
+    {
+        IReadOnlyList<string> files = FilePaths.ResolveExisting(this, path, literal, out ErrorRecord? error);
+        if (error is not null)
+            WriteError(error);
+        return files;
+    }
+
+    /// <summary>The -BackingFile name to store (<see cref="FilePaths.BackingFileName"/>); a terminating error when it cannot be a file.</summary>
+    protected string ResolveBackingFileName(string name)
+        => FilePaths.BackingFileName(this, name, out ErrorRecord? error) ?? throw Terminated(error!);
+
+    private Exception Terminated(ErrorRecord error)
+    {
+        ThrowTerminatingError(error);
+        return new InvalidOperationException("unreachable");
+    }
 }

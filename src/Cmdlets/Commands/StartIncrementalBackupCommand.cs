@@ -114,7 +114,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
             Sync = Sync,
             BitmapName = Bitmap,
             BitmapMode = MyInvocation.BoundParameters.ContainsKey(nameof(BitmapMode)) ? BitmapMode : null,
-            BackingFile = BackingFile,
+            BackingFile = BackingFile is null ? null : ResolveBackingFileName(BackingFile),
             UseExistingTarget = UseExistingTarget,
             TargetFormat = TargetFormat,
             ClusterSize = MyInvocation.BoundParameters.ContainsKey(nameof(ClusterSize)) ? ClusterSize : null,
