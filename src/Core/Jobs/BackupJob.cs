@@ -636,6 +636,12 @@ public sealed class BackupJob
             return e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
                 $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
         }
+        if (_group is not null && !_group.WaitForCommits(this, _cancel.Token, out BlockException? why))
+        {
+            // Another job of the group could not name its target: this one gives its name back, and the abort discards it.
+            Cleanup(_target.RollBackCommit);
+            return why ?? Cancelled();
+        }
         Cleanup(CommitManifest);
         CleanUpBitmap(succeeded: true);
         Conclude(null);

@@ -163,7 +163,25 @@ public sealed class BackupTarget : IDisposable
             IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(Path)!); // the new name survives a power failure
         }
         _finished = true;
+        _committed = true;
         s_inUse.TryRemove(Path, out _);
+    }
+
+    private bool _committed;
+
+    /// <summary>
+    /// Undo <see cref="Commit"/> of a new target (a grouped transaction whose other backup could not complete): the
+    /// file takes its partial name back, so that <see cref="Discard"/> deletes it and nothing passes for a backup.
+    /// A target written in place (-UseExistingTarget) has no name to give back: it stays as written.
+    /// </summary>
+    public void RollBackCommit()
+    {
+        if (!_committed || !Created)
+            return;
+        File.Move(Path, WritePath, overwrite: false);
+        IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(Path)!);
+        _committed = false;
+        _finished = false;
     }
 
     /// <summary>
