@@ -444,4 +444,25 @@ Describe 'Provider paths' {
         Close-TestNode
         (Open-BlockNode -LiteralPath $c -ReadOnly).Path | Should -Be $c
     }
+
+    It 'Restore-IncrementalBackup and Get-DirtyBitmap take -Path with wildcards and -LiteralPath; Restore needs exactly one match' {
+        $dir = New-TestDirectory
+        $a = (New-BlockImage -Path (Join-Path $dir 'a[1].qcow2') -Size 1MB).Path
+        $null = New-BlockImage -Path (Join-Path $dir 'b.qcow2') -Size 1MB
+        $node = Open-BlockNode -LiteralPath $a
+        $null = New-DirtyBitmap -Node $node.Name -Name p -Persistent
+        Close-TestNode
+        (Get-DirtyBitmap -Path (Join-Path $dir '*.qcow2')).Path | Should -Be $a
+        (Get-DirtyBitmap -LiteralPath $a).Name | Should -Be 'p'
+        (Get-ChildItem -LiteralPath $dir -Filter '*.qcow2' | Get-DirtyBitmap).Name | Should -Be 'p'
+        $r = Restore-IncrementalBackup -LiteralPath $a -Destination (Join-Path $dir 'r1.raw') -Wait
+        $r.Succeeded | Should -BeTrue
+        $r = Get-ChildItem -LiteralPath (Join-Path $dir 'b.qcow2') | Restore-IncrementalBackup -Destination (Join-Path $dir 'r2.raw') -Wait
+        $r.Succeeded | Should -BeTrue
+        $r = Restore-IncrementalBackup -Path (Join-Path $dir 'a*.qcow2') -Destination (Join-Path $dir 'r3.raw') -Wait
+        $r.Succeeded | Should -BeTrue
+        $null = Assert-BlockError { Restore-IncrementalBackup -Path (Join-Path $dir '*.qcow2') -Destination (Join-Path $dir 'r4.raw') -Wait } -ErrorId 'PathMatchesSeveralFiles,BitmapBackup.RestoreIncrementalBackupCommand'
+        $null = Assert-BlockError { Restore-IncrementalBackup -Path (Join-Path $dir 'none*.qcow2') -Destination (Join-Path $dir 'r4.raw') -Wait } -ErrorId 'ImageNotFound,BitmapBackup.RestoreIncrementalBackupCommand'
+        Test-Path -LiteralPath (Join-Path $dir 'r4.raw') | Should -BeFalse
+    }
 }

@@ -91,6 +91,25 @@ public abstract class BitmapBackupCmdlet : PSCmdlet
         return files;
     }
 
+    /// <summary>
+    /// The one existing file -Path (wildcards) or -LiteralPath names, for a cmdlet that reads one image; a pattern
+    /// that matches no file or several is a terminating error (ImageNotFound, PathMatchesSeveralFiles).
+    /// </summary>
+    protected string ResolveSingleFile(string path, bool literal)
+    {
+        IReadOnlyList<string> files = FilePaths.ResolveExisting(this, path, literal, out ErrorRecord? error);
+        if (error is not null)
+            throw Terminated(error);
+        return files.Count switch
+        {
+            1 => files[0],
+            0 => throw Terminated(ErrorRecordFactory.From(new BlockException(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound,
+                $"No file matches '{path}'.", path))),
+            _ => throw Terminated(ErrorRecordFactory.Create("PathMatchesSeveralFiles", ErrorCategory.InvalidArgument,
+                $"'{path}' matches {files.Count} files ('{files[0]}', '{files[1]}'{(files.Count > 2 ? ", ..." : "")}): this cmdlet reads one image; give one path, or -LiteralPath.", path)),
+        };
+    }
+
     /// <summary>The -BackingFile name to store (<see cref="FilePaths.BackingFileName"/>); a terminating error when it cannot be a file.</summary>
     protected string ResolveBackingFileName(string name)
         => FilePaths.BackingFileName(this, name, out ErrorRecord? error) ?? throw Terminated(error!);

@@ -9,11 +9,12 @@ namespace BitmapBackup;
 /// <summary>Get-DirtyBitmap: lists dirty bitmaps of one node or of every open node (QEMU's query-named-block-nodes).</summary>
 [Cmdlet(VerbsCommon.Get, "DirtyBitmap", DefaultParameterSetName = NodeSet)]
 [OutputType(typeof(DirtyBitmapInfo), ParameterSetName = [NodeSet])]
-[OutputType(typeof(StoredBitmapInfo), ParameterSetName = [PathSet])]
+[OutputType(typeof(StoredBitmapInfo), ParameterSetName = [PathSet, LiteralPathSet])]
 public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
 {
     private const string NodeSet = "Node";
     private const string PathSet = "Path";
+    private const string LiteralPathSet = "LiteralPath";
 
     #region Parameters
 
@@ -24,13 +25,21 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     [ValidateNotNullOrEmpty]
     public string? Node { get; set; }
 
-    /// <summary>An image file that is not open: list the bitmaps stored in it, without changing it.</summary>
+    /// <summary>Image files that are not open (wildcards allowed): list the bitmaps stored in them, without changing them.</summary>
     [Parameter(Mandatory = true, ParameterSetName = PathSet)]
+    [SupportsWildcards]
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
-    /// <summary>With -Path: read the image without image locks, even while another process writes it.</summary>
+    /// <summary>An image file that is not open, taken as it is (no wildcards); Get-ChildItem's output binds here (PSPath).</summary>
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = LiteralPathSet)]
+    [Alias("PSPath", "LP", "FullName")]
+    [ValidateNotNullOrEmpty]
+    public string LiteralPath { get; set; } = null!;
+
+    /// <summary>With -Path or -LiteralPath: read the image without image locks, even while another process writes it.</summary>
     [Parameter(ParameterSetName = PathSet)]
+    [Parameter(ParameterSetName = LiteralPathSet)]
     public SwitchParameter ForceShare { get; set; }
 
     /// <summary>Bitmap names to get; wildcards allowed. All bitmaps when omitted.</summary>
@@ -46,9 +55,11 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        if (ParameterSetName == PathSet)
+        if (ParameterSetName is PathSet or LiteralPathSet)
         {
-            WriteStored(ResolveFilePath(Path));
+            bool literal = ParameterSetName == LiteralPathSet;
+            foreach (string path in ResolveExistingFiles(literal ? LiteralPath : Path, literal))
+                WriteStored(path);
             return;
         }
         IReadOnlyList<BlockNode> nodes;
