@@ -465,4 +465,16 @@ Describe 'Provider paths' {
         $null = Assert-BlockError { Restore-IncrementalBackup -Path (Join-Path $dir 'none*.qcow2') -Destination (Join-Path $dir 'r4.raw') -Wait } -ErrorId 'ImageNotFound,BitmapBackup.RestoreIncrementalBackupCommand'
         Test-Path -LiteralPath (Join-Path $dir 'r4.raw') | Should -BeFalse
     }
+
+    It 'Test-IncrementalBackup takes -Path with wildcards and -LiteralPath, and BackupResult and Get-ChildItem output bind' {
+        $node = New-TestNode -Size 1MB
+        $dir = New-TestDirectory
+        $full = Join-Path $dir 'f[1].qcow2'
+        $r = Start-IncrementalBackup -Node $node.Name -Target $full -Sync Full -Wait
+        $null = Start-IncrementalBackup -Node $node.Name -Target (Join-Path $dir 'g.qcow2') -Sync Full -Wait
+        (Test-IncrementalBackup -LiteralPath $full -Node $node.Name).Passed | Should -BeTrue
+        ($r | Test-IncrementalBackup -Node $node.Name).Path | Should -Be $full
+        @(Test-IncrementalBackup -Path (Join-Path $dir '*.qcow2') -Node $node.Name -Quiet) | Should -Be @($true, $true)
+        (Get-ChildItem -LiteralPath $dir -Filter 'g.qcow2' | Test-IncrementalBackup -ReferencePath $full).Passed | Should -BeTrue
+    }
 }
