@@ -333,7 +333,7 @@ Describe 'Binding, naming and help conventions' {
         $record = Assert-BlockError { Get-BackupChain -Path $image -ErrorAction Stop } -ErrorId 'ImageInUse,BitmapBackup.GetBackupChainCommand' -MessageContains "node '$name'", 'in this session'
         $record.Exception.Message | Should -Not -Match 'another process'
         Close-TestNode
-        (Get-BackupChain -Path $image).Count | Should -Be 1
+        @(Get-BackupChain -Path $image).Count | Should -Be 1
     }
 
     It 'a folder is "a folder, not an image" also as -BackingFile' {
