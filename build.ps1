@@ -89,7 +89,7 @@ function Task-Build {
     foreach ($f in 'BitmapBackup.Cmdlets.dll', 'BitmapBackup.Cmdlets.pdb', 'BitmapBackup.Core.dll', 'BitmapBackup.Core.pdb', 'System.IO.Hashing.dll', 'ZstdSharp.dll') {
         Copy-Item (Join-Path $bin $f) $ModuleDir
     }
-    Copy-Item (Join-Path $Root 'Module/*') $ModuleDir
+    Copy-Item (Join-Path $Root 'Module/*') $ModuleDir -Recurse   # en-US/about_BitmapBackup.help.txt too
     $null = Test-ModuleManifest (Join-Path $ModuleDir "$ModuleName.psd1")
     # The staged module is complete: Get-Help reads the MAML built from docs/help (strict: a stale page fails the build).
     $code = Invoke-ChildPwsh (Join-Path $Root 'build/Help.ps1') @('-Mode', 'Maml', '-Strict', '-ModulePath', (Join-Path $ModuleDir "$ModuleName.psd1"), '-DocsPath', (Join-Path $Root 'docs/help'))

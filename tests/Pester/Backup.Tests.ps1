@@ -510,7 +510,7 @@ Describe '-AutoFinalize $false and Complete-IncrementalBackup' -Skip:$NoQemuImg 
         Wait-BackupStatus -Job $job -Status Pending
         Start-Sleep -Milliseconds 300
         [string]$job.Status | Should -BeExactly 'Pending' -Because 'it waits for Complete-IncrementalBackup'
-        $job.State | Should -Be 'Running'
+        $job.State | Should -Be 'Blocked' -Because 'it waits for the user (issue 20)'
         $job.BytesCopied | Should -Be $job.BytesTotal
         Test-Path -LiteralPath $target | Should -BeFalse
         Test-Path -LiteralPath "$target.partial" | Should -BeTrue
@@ -625,6 +625,7 @@ Describe 'Sync modes and target formats' -Skip:$NoQemuImg {
             Write-BlockNode -Node $src.Name -Offset 4MB -Pattern 0xef -Length 4KB -Confirm:$false   # the second write to a cluster copies nothing
             Start-Sleep -Milliseconds 300
             [string]$job.Status | Should -BeExactly 'Running' -Because 'a -Sync None job runs until it is completed'
+            $job.State | Should -Be 'Blocked' -Because 'it waits for Complete-IncrementalBackup'
             Complete-IncrementalBackup -Job $job -Wait -Confirm:$false
             $job.State | Should -Be 'Completed'
             $r = Receive-Job -Job $job

@@ -202,7 +202,7 @@ Describe 'Get-DirtyBitmap' {
     It 'gets bitmaps by name, on one node or on all' {
         (Get-DirtyBitmap -Node $n1.Name -Name weekly).Granularity | Should -Be 4096
         @(Get-DirtyBitmap -Name daily | ForEach-Object Node) | Should -Be @($n1.Name, $n2.Name)
-        @(Get-DirtyBitmap daily | ForEach-Object Node) | Should -Be @($n1.Name, $n2.Name)
+        @(Get-DirtyBitmap $n1.Name daily | ForEach-Object Node) | Should -Be @($n1.Name) -Because 'position 0 is -Node, position 1 -Name, as on every bitmap cmdlet (issue 20)'
         @(Get-DirtyBitmap -Node $n1.Name -Name weekly, daily | ForEach-Object Name) | Should -Be @('weekly', 'daily')
     }
 

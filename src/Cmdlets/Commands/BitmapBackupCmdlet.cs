@@ -71,6 +71,52 @@ public abstract class BitmapBackupCmdlet : PSCmdlet
         return node;
     }
 
-    /// <summary>A file-system path for a path the user gave, relative to the PowerShell location.</summary>
-    protected string ResolveFilePath(string path) => SessionState.Path.GetUnresolvedProviderPathFromPSPath(path);
+    /// <summary>
+    /// A file-system path for a path the user gave, relative to the PowerShell location; a path of another provider
+    /// (ReadWriteFileNotFileSystemProvider) or of an unknown drive (DriveNotFound) is a terminating error
+    /// (<see cref="FilePaths"/>).
+    /// </summary>
+    protected string ResolveFilePath(string path)
+        => FilePaths.ToFileSystem(this, path, out ErrorRecord? error) ?? throw Terminated(error!);
+
+    /// <summary>
+    /// The existing files -Path (wildcards) or -LiteralPath names; a path that cannot be a file (another provider, an
+    /// unknown drive) is reported as a non-terminating error and yields nothing.
+    /// </summary>
+    protected IReadOnlyList<string> ResolveExistingFiles(string path, bool literal)
+    {
+        IReadOnlyList<string> files = FilePaths.ResolveExisting(this, path, literal, out ErrorRecord? error);
+        if (error is not null)
+            WriteError(error);
+        return files;
+    }
+
+    /// <summary>
+    /// The one existing file -Path (wildcards) or -LiteralPath names, for a cmdlet that reads one image; a pattern
+    /// that matches no file or several is a terminating error (ImageNotFound, PathMatchesSeveralFiles).
+    /// </summary>
+    protected string ResolveSingleFile(string path, bool literal)
+    {
+        IReadOnlyList<string> files = FilePaths.ResolveExisting(this, path, literal, out ErrorRecord? error);
+        if (error is not null)
+            throw Terminated(error);
+        return files.Count switch
+        {
+            1 => files[0],
+            0 => throw Terminated(ErrorRecordFactory.From(new BlockException(ErrorIds.ImageNotFound, BlockErrorCategory.ObjectNotFound,
+                $"No file matches '{path}'.", path))),
+            _ => throw Terminated(ErrorRecordFactory.Create("PathMatchesSeveralFiles", ErrorCategory.InvalidArgument,
+                $"'{path}' matches {files.Count} files ('{files[0]}', '{files[1]}'{(files.Count > 2 ? ", ..." : "")}): this cmdlet reads one image; give one path, or -LiteralPath.", path)),
+        };
+    }
+
+    /// <summary>The -BackingFile name to store (<see cref="FilePaths.BackingFileName"/>); a terminating error when it cannot be a file.</summary>
+    protected string ResolveBackingFileName(string name)
+        => FilePaths.BackingFileName(this, name, out ErrorRecord? error) ?? throw Terminated(error!);
+
+    private Exception Terminated(ErrorRecord error)
+    {
+        ThrowTerminatingError(error);
+        return new InvalidOperationException("unreachable");
+    }
 }

@@ -7,39 +7,31 @@ namespace BitmapBackup;
 /// Complete-IncrementalBackup: finalizes a backup job left Pending by -AutoFinalize $false (QEMU's job-finalize):
 /// the target is committed and the bitmap reset per its mode. Also ends a -Sync None job successfully.
 /// </summary>
-[Cmdlet(VerbsLifecycle.Complete, "IncrementalBackup", SupportsShouldProcess = true)]
+[Cmdlet(VerbsLifecycle.Complete, "IncrementalBackup", SupportsShouldProcess = true, DefaultParameterSetName = "Job")]
 [OutputType(typeof(BackupPSJob))]
-public sealed class CompleteIncrementalBackupCommand : BitmapBackupCmdlet
+public sealed class CompleteIncrementalBackupCommand : BackupJobCommandBase
 {
     #region Parameters
-
-    /// <summary>The backup job to finalize.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
-    [ValidateNotNull]
-    public BackupPSJob Job { get; set; } = null!;
 
     /// <summary>Wait until the job has concluded.</summary>
     [Parameter]
     public SwitchParameter Wait { get; set; }
 
-    /// <summary>Write the job.</summary>
-    [Parameter]
-    public SwitchParameter PassThru { get; set; }
-
     #endregion
 
     #region Overrides
 
-    protected override void ProcessRecord()
+    protected override void ProcessJob(BackupPSJob job)
     {
-        if (!ShouldProcess(Job.Name, "Finalize backup job"))
+        if (!ShouldProcess(job.Name, "Finalize backup job"))
             return;
-        if (!TryRun(Job.Backup.Complete))
+        if (!TryRun(job.Backup.Complete))
             return;
+        job.Completing();
         if (Wait)
-            Job.Backup.Completion.Wait();
+            job.Backup.Completion.Wait();
         if (PassThru)
-            WriteObject(Job);
+            WriteObject(job);
     }
 
     #endregion

@@ -28,8 +28,23 @@ public abstract class DirtyBitmapCommandBase : BitmapBackupCmdlet
 
     #endregion
 
+    private bool _nameGiven;
+
+    protected override void BeginProcessing()
+    {
+        _nameGiven = MyInvocation.BoundParameters.ContainsKey(nameof(Name)); // before pipeline input: given on the command line
+        base.BeginProcessing();
+    }
+
     protected override void ProcessRecord()
     {
+        if (!_nameGiven && BlockNodeTransformationAttribute.LastNodeObject is { } info && info.Name == Node && info.Name == Name)
+        {
+            // Get-BlockNode vm | Clear-DirtyBitmap: the node object's Name is the node's, not a bitmap's.
+            WriteError(new ErrorRecord(new PSArgumentException($"A node object (node '{info.Name}') gives only the node: name the bitmap with -Name, as in Get-BlockNode {info.Name} | {MyInvocation.MyCommand.Name} -Name <bitmap>."),
+                "BitmapNameRequired", ErrorCategory.InvalidArgument, info));
+            return;
+        }
         if (ResolveNode(Node) is not BlockNode node)
             return;
         if (TransactionScope.Current is { } scope && CreateTransactionAction(node) is { } queued)

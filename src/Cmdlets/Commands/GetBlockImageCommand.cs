@@ -5,17 +5,26 @@ using BitmapBackup.Core.Persistence;
 namespace BitmapBackup;
 
 /// <summary>Get-BlockImage: what <c>qemu-img info</c> tells of an image file, without changing it.</summary>
-[Cmdlet(VerbsCommon.Get, "BlockImage")]
+[Cmdlet(VerbsCommon.Get, "BlockImage", DefaultParameterSetName = PathSet)]
 [OutputType(typeof(BlockImageInfo))]
 public sealed class GetBlockImageCommand : BitmapBackupCmdlet
 {
+    private const string PathSet = "Path";
+    private const string LiteralPathSet = "LiteralPath";
+
     #region Parameters
 
-    /// <summary>Path of the image file.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
-    [Alias("FullName")]
+    /// <summary>Paths of image files; wildcards allowed.</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true, ParameterSetName = PathSet)]
+    [SupportsWildcards]
     [ValidateNotNullOrEmpty]
     public string[] Path { get; set; } = null!;
+
+    /// <summary>Paths of image files, taken as they are (no wildcards); Get-ChildItem's output binds here (PSPath).</summary>
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = LiteralPathSet)]
+    [Alias("PSPath", "LP", "FullName", "Target")]
+    [ValidateNotNullOrEmpty]
+    public string[] LiteralPath { get; set; } = null!;
 
     /// <summary>Read the image without image locks, even while another process writes it (qemu-img info -U).</summary>
     [Parameter]
@@ -27,15 +36,18 @@ public sealed class GetBlockImageCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        foreach (string item in Path)
+        bool literal = ParameterSetName == LiteralPathSet;
+        foreach (string item in literal ? LiteralPath : Path)
         {
-            string path = ResolveFilePath(item);
-            BlockImageInfo? info = null;
-            if (TryRun(() => info = Describe(path, ForceShare)))
+            foreach (string path in ResolveExistingFiles(item, literal))
             {
-                if (ForceShare)
-                    WriteForceShareWarning(path);
-                WriteObject(info);
+                BlockImageInfo? info = null;
+                if (TryRun(() => info = Describe(path, ForceShare)))
+                {
+                    if (ForceShare)
+                        WriteForceShareWarning(path);
+                    WriteObject(info);
+                }
             }
         }
     }

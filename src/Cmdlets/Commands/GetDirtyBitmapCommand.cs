@@ -9,28 +9,37 @@ namespace BitmapBackup;
 /// <summary>Get-DirtyBitmap: lists dirty bitmaps of one node or of every open node (QEMU's query-named-block-nodes).</summary>
 [Cmdlet(VerbsCommon.Get, "DirtyBitmap", DefaultParameterSetName = NodeSet)]
 [OutputType(typeof(DirtyBitmapInfo), ParameterSetName = [NodeSet])]
-[OutputType(typeof(StoredBitmapInfo), ParameterSetName = [PathSet])]
+[OutputType(typeof(StoredBitmapInfo), ParameterSetName = [PathSet, LiteralPathSet])]
 public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
 {
     private const string NodeSet = "Node";
     private const string PathSet = "Path";
+    private const string LiteralPathSet = "LiteralPath";
 
     #region Parameters
 
     /// <summary>The node whose bitmaps to list: a name or a node object. All open nodes when omitted.</summary>
-    [Parameter(ParameterSetName = NodeSet, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
+    [Parameter(ParameterSetName = NodeSet, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]
     public string? Node { get; set; }
 
-    /// <summary>An image file that is not open: list the bitmaps stored in it, without changing it.</summary>
+    /// <summary>Image files that are not open (wildcards allowed): list the bitmaps stored in them, without changing them.</summary>
     [Parameter(Mandatory = true, ParameterSetName = PathSet)]
+    [SupportsWildcards]
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
-    /// <summary>With -Path: read the image without image locks, even while another process writes it.</summary>
+    /// <summary>An image file that is not open, taken as it is (no wildcards); Get-ChildItem's output binds here (PSPath).</summary>
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = LiteralPathSet)]
+    [Alias("PSPath", "LP", "FullName")]
+    [ValidateNotNullOrEmpty]
+    public string LiteralPath { get; set; } = null!;
+
+    /// <summary>With -Path or -LiteralPath: read the image without image locks, even while another process writes it.</summary>
     [Parameter(ParameterSetName = PathSet)]
+    [Parameter(ParameterSetName = LiteralPathSet)]
     public SwitchParameter ForceShare { get; set; }
 
     /// <summary>With -Path: the bitmap state folder to look in, for a block device or a raw file without a sidecar (default: ~/.local/state/BitmapBackup).</summary>
@@ -39,7 +48,7 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
     public string? BitmapStore { get; set; }
 
     /// <summary>Bitmap names to get; wildcards allowed. All bitmaps when omitted.</summary>
-    [Parameter(Position = 0)]
+    [Parameter(Position = 1)]
     [SupportsWildcards]
     [ArgumentCompleter(typeof(BitmapNameCompleter))]
     [ValidateNotNullOrEmpty]
@@ -51,9 +60,11 @@ public sealed class GetDirtyBitmapCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        if (ParameterSetName == PathSet)
+        if (ParameterSetName is PathSet or LiteralPathSet)
         {
-            WriteStored(ResolveFilePath(Path));
+            bool literal = ParameterSetName == LiteralPathSet;
+            foreach (string path in ResolveExistingFiles(literal ? LiteralPath : Path, literal))
+                WriteStored(path);
             return;
         }
         IReadOnlyList<BlockNode> nodes;

@@ -99,10 +99,7 @@ public sealed class MergeBackupChainCommand : BitmapBackupCmdlet
     private MergePSJob StartAsPSJob(ChainMerge merge)
     {
         var psJob = new MergePSJob(merge, MyInvocation.Line, JobName);
-        var definition = new JobDefinition(typeof(BackupJobSourceAdapter), MyInvocation.Line, psJob.Name);
-        var parameters = new Dictionary<string, object> { [BackupPSJob.ParameterName] = psJob };
-        Job2 registered = JobManager.NewJob(new JobInvocationInfo(definition, parameters));
-        System.Diagnostics.Debug.Assert(registered == psJob, "The adapter must return the job it was given.");
+        BackupJobSourceAdapter.Register(this, psJob, MyInvocation.Line);
         RunningMerges.Track(merge, psJob.Name);
         psJob.StartJob();
         return psJob;

@@ -43,6 +43,7 @@ public sealed class NewBlockImageCommand : BitmapBackupCmdlet
     protected override void ProcessRecord()
     {
         string path = ResolveFilePath(Path);
+        string? backingFile = BackingFile is null ? null : ResolveBackingFileName(BackingFile);
         ImageFormat format = MyInvocation.BoundParameters.ContainsKey(nameof(Format)) ? Format
             : path.EndsWith(".qcow2", StringComparison.OrdinalIgnoreCase) ? ImageFormat.Qcow2 : ImageFormat.Raw;
         if (!MyInvocation.BoundParameters.ContainsKey(nameof(Size)) && BackingFile is null)
@@ -51,12 +52,12 @@ public sealed class NewBlockImageCommand : BitmapBackupCmdlet
                 $"Give the size of image '{path}' with -Size (it may only be left out for an overlay, with -BackingFile).", path));
         }
         int? clusterSize = MyInvocation.BoundParameters.ContainsKey(nameof(ClusterSize)) ? ClusterSize : null;
-        if (!ShouldProcess(path, BackingFile is null ? $"Create {format} image of {Size} bytes" : $"Create {format} overlay on '{BackingFile}'"))
+        if (!ShouldProcess(path, BackingFile is null ? $"Create {format} image of {Size} bytes" : $"Create {format} overlay on '{backingFile}'"))
             return;
         BlockImageInfo? info = null;
         if (TryRun(() =>
         {
-            BlockEngine.CreateImage(path, Size, format, clusterSize, BackingFile);
+            BlockEngine.CreateImage(path, Size, format, clusterSize, backingFile);
             info = GetBlockImageCommand.Describe(path);
         }))
         {

@@ -5,17 +5,23 @@ using BitmapBackup.Core.Nodes;
 namespace BitmapBackup;
 
 /// <summary>Open-BlockNode: opens a disk image as a block node, registered under a node name for the session.</summary>
-[Cmdlet(VerbsCommon.Open, "BlockNode")]
+[Cmdlet(VerbsCommon.Open, "BlockNode", DefaultParameterSetName = "Path")]
 [OutputType(typeof(BlockNodeInfo))]
 public sealed class OpenBlockNodeCommand : BitmapBackupCmdlet
 {
     #region Parameters
 
-    /// <summary>Path of the image file.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true)]
-    [Alias("FullName")]
+    /// <summary>Path of the image file; wildcards allowed (each file they match is opened).</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true, ParameterSetName = "Path")]
+    [SupportsWildcards]
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
+
+    /// <summary>Path of the image file, taken as it is (no wildcards); Get-ChildItem's output binds here (PSPath).</summary>
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = "LiteralPath")]
+    [Alias("PSPath", "LP", "FullName")]
+    [ValidateNotNullOrEmpty]
+    public string LiteralPath { get; set; } = null!;
 
     /// <summary>Node name; by default the file name without extension, made unique.</summary>
     [Parameter(Position = 1)]
@@ -55,13 +61,17 @@ public sealed class OpenBlockNodeCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        string path = ResolveFilePath(Path);
-        BlockNode? node = null;
-        if (TryRun(() => node = Engine.Open(path, Name, ReadOnly, ForceShare, Cache, BitmapStore is null ? null : ResolveFilePath(BitmapStore))))
+        bool literal = ParameterSetName == "LiteralPath";
+        string? bitmapStore = BitmapStore is null ? null : ResolveFilePath(BitmapStore);
+        foreach (string path in ResolveExistingFiles(literal ? LiteralPath : Path, literal))
         {
-            if (ForceShare)
-                WriteForceShareWarning(path);
-            WriteObject(new BlockNodeInfo(node!));
+            BlockNode? node = null;
+            if (TryRun(() => node = Engine.Open(path, Name, ReadOnly, ForceShare, Cache, bitmapStore)))
+            {
+                if (ForceShare)
+                    WriteForceShareWarning(path);
+                WriteObject(new BlockNodeInfo(node!));
+            }
         }
     }
 

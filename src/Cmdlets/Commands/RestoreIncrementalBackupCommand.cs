@@ -9,7 +9,7 @@ namespace BitmapBackup;
 /// Restore-IncrementalBackup: flattens a backup chain into one standalone image, the disk at that backup's
 /// point in time. Runs as a backup job of the chain (opened read-only), in the background or with -Wait.
 /// </summary>
-[Cmdlet(VerbsData.Restore, "IncrementalBackup", SupportsShouldProcess = true)]
+[Cmdlet(VerbsData.Restore, "IncrementalBackup", SupportsShouldProcess = true, DefaultParameterSetName = "Path")]
 [OutputType(typeof(BackupPSJob), typeof(BackupResult))]
 public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
 {
@@ -18,11 +18,17 @@ public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
 
     #region Parameters
 
-    /// <summary>The top image of the chain to restore (the backup whose point in time you want).</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true)]
-    [Alias("FullName", "Target")]
+    /// <summary>The top image of the chain to restore (the backup whose point in time you want); wildcards allowed, matching one file.</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true, ParameterSetName = "Path")]
+    [SupportsWildcards]
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
+
+    /// <summary>The top image of the chain, taken as it is (no wildcards); Get-ChildItem's output (PSPath) and a backup's result (Target) bind here.</summary>
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = "LiteralPath")]
+    [Alias("PSPath", "LP", "FullName", "Target")]
+    [ValidateNotNullOrEmpty]
+    public string LiteralPath { get; set; } = null!;
 
     /// <summary>The new standalone image; it must not exist. Or a block device of the chain's size, overwritten in place (raw).</summary>
     [Parameter(Mandatory = true, Position = 1)]
@@ -52,7 +58,7 @@ public sealed class RestoreIncrementalBackupCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        string path = ResolveFilePath(Path);
+        string path = ParameterSetName == "LiteralPath" ? ResolveSingleFile(LiteralPath, literal: true) : ResolveSingleFile(Path, literal: false);
         string destination = ResolveFilePath(Destination);
         bool device = Core.IO.BlockDevice.IsAt(destination);
         if (!ShouldProcess(destination, device ? $"Overwrite the block device with the chain of '{path}'" : $"Restore the chain of '{path}'"))

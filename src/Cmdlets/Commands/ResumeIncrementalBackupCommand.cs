@@ -3,29 +3,16 @@ using System.Management.Automation;
 namespace BitmapBackup;
 
 /// <summary>Resume-IncrementalBackup: resumes a paused backup job (QEMU's job-resume), including one paused by -OnSourceError/-OnTargetError Stop: what failed is retried. PowerShell on Linux and macOS has no Resume-Job, so this is the way there.</summary>
-[Cmdlet(VerbsLifecycle.Resume, "IncrementalBackup", SupportsShouldProcess = true)]
+[Cmdlet(VerbsLifecycle.Resume, "IncrementalBackup", SupportsShouldProcess = true, DefaultParameterSetName = "Job")]
 [OutputType(typeof(BackupPSJob))]
-public sealed class ResumeIncrementalBackupCommand : BitmapBackupCmdlet
+public sealed class ResumeIncrementalBackupCommand : BackupJobCommandBase
 {
-    #region Parameters
-
-    /// <summary>The backup job.</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true)]
-    [ValidateNotNull]
-    public BackupPSJob Job { get; set; } = null!;
-
-    /// <summary>Write the job.</summary>
-    [Parameter]
-    public SwitchParameter PassThru { get; set; }
-
-    #endregion
-
     #region Overrides
 
-    protected override void ProcessRecord()
+    protected override void ProcessJob(BackupPSJob job)
     {
-        if (ShouldProcess(Job.Name, "Resume backup job") && TryRun(() => Job.ResumeJob()) && PassThru)
-            WriteObject(Job);
+        if (ShouldProcess(job.Name, "Resume backup job") && TryRun(() => job.ResumeJob()) && PassThru)
+            WriteObject(job);
     }
 
     #endregion

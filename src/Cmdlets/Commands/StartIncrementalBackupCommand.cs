@@ -114,7 +114,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
             Sync = Sync,
             BitmapName = Bitmap,
             BitmapMode = MyInvocation.BoundParameters.ContainsKey(nameof(BitmapMode)) ? BitmapMode : null,
-            BackingFile = BackingFile,
+            BackingFile = BackingFile is null ? null : ResolveBackingFileName(BackingFile),
             UseExistingTarget = UseExistingTarget,
             TargetFormat = TargetFormat,
             ClusterSize = MyInvocation.BoundParameters.ContainsKey(nameof(ClusterSize)) ? ClusterSize : null,
@@ -164,10 +164,7 @@ public sealed class StartIncrementalBackupCommand : BitmapBackupCmdlet
     internal static BackupPSJob StartAsPSJob(PSCmdlet cmdlet, BackupJob job, string commandLine, string? jobName)
     {
         var psJob = new BackupPSJob(job, commandLine, jobName);
-        var definition = new JobDefinition(typeof(BackupJobSourceAdapter), commandLine, psJob.Name);
-        var parameters = new Dictionary<string, object> { [BackupPSJob.ParameterName] = psJob };
-        Job2 registered = cmdlet.JobManager.NewJob(new JobInvocationInfo(definition, parameters));
-        System.Diagnostics.Debug.Assert(registered == psJob, "The adapter must return the job it was given.");
+        BackupJobSourceAdapter.Register(cmdlet, psJob, commandLine);
         RunningBackups.Track(job, psJob.Name);
         psJob.StartJob();
         return psJob;

@@ -13,22 +13,38 @@ namespace BitmapBackup;
 /// </summary>
 [Cmdlet(VerbsDiagnostic.Test, "IncrementalBackup", DefaultParameterSetName = NodeSet)]
 [OutputType(typeof(BackupVerification))]
+[OutputType(typeof(bool))]
 public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
 {
     private const string NodeSet = "Node";
     private const string ReferenceSet = "ReferencePath";
     private const string ManifestSet = "Manifest";
+    private const string LiteralSuffix = "LiteralPath";
+    private const string NodeLiteralSet = NodeSet + LiteralSuffix;
+    private const string ReferenceLiteralSet = ReferenceSet + LiteralSuffix;
+    private const string ManifestLiteralSet = ManifestSet + LiteralSuffix;
 
     #region Parameters
 
-    /// <summary>The top image of the chain (the backup to check).</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true)]
-    [Alias("FullName", "Target")]
+    /// <summary>The top image of the chain (the backup to check); wildcards allowed (each image they match is tested).</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true, ParameterSetName = NodeSet)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true, ParameterSetName = ReferenceSet)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipelineByPropertyName = true, ParameterSetName = ManifestSet)]
+    [SupportsWildcards]
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
+    /// <summary>The top image of the chain, taken as it is (no wildcards); Get-ChildItem's output (PSPath) and a backup's result (Target) bind here.</summary>
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = NodeLiteralSet)]
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = ReferenceLiteralSet)]
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = ManifestLiteralSet)]
+    [Alias("PSPath", "LP", "FullName", "Target")]
+    [ValidateNotNullOrEmpty]
+    public string LiteralPath { get; set; } = null!;
+
     /// <summary>An open node to compare with (it should not be written meanwhile).</summary>
     [Parameter(Mandatory = true, ParameterSetName = NodeSet)]
+    [Parameter(Mandatory = true, ParameterSetName = NodeLiteralSet)]
     [BlockNodeTransformation]
     [ArgumentCompleter(typeof(NodeNameCompleter))]
     [ValidateNotNullOrEmpty]
@@ -36,11 +52,13 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
 
     /// <summary>An image file (raw or qcow2, with its chain) to compare with.</summary>
     [Parameter(Mandatory = true, ParameterSetName = ReferenceSet)]
+    [Parameter(Mandatory = true, ParameterSetName = ReferenceLiteralSet)]
     [ValidateNotNullOrEmpty]
     public string ReferencePath { get; set; } = null!;
 
     /// <summary>The chain's digest manifest to compare with: a check that needs no source ('&lt;Path&gt;.digests' is the one its backup wrote).</summary>
     [Parameter(Mandatory = true, ParameterSetName = ManifestSet)]
+    [Parameter(Mandatory = true, ParameterSetName = ManifestLiteralSet)]
     [ValidateNotNullOrEmpty]
     public string Manifest { get; set; } = null!;
 
@@ -48,19 +66,47 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
     [Parameter]
     public SwitchParameter ForceShare { get; set; }
 
+    /// <summary>Write only $true (the chain is valid and equal to what it is compared with) or $false, as Test-Path does.</summary>
+    [Parameter]
+    public SwitchParameter Quiet { get; set; }
+
     #endregion
 
     #region Overrides
 
     protected override void ProcessRecord()
     {
-        string path = ResolveFilePath(Path);
+        bool literal = ParameterSetName.EndsWith(LiteralSuffix, StringComparison.Ordinal);
+        foreach (string path in ResolveExistingFiles(literal ? LiteralPath : Path, literal))
+            Test(path);
+    }
+
+    #endregion
+
+    #region Private methods
+
+    private void Test(string path)
+    {
         try
         {
             BackupVerification result = Verify(path);
             if (ForceShare)
                 WriteForceShareWarning(path);
-            WriteObject(result);
+            if (Quiet)
+            {
+                foreach (string problem in result.Problems)
+                    WriteVerbose(problem);
+                WriteObject(result.Passed);
+            }
+            else
+            {
+                WriteObject(result);
+            }
+        }
+        catch (BlockException e) when (Quiet)
+        {
+            WriteVerbose($"{e.ErrorId}: {e.Message}");
+            WriteObject(false);
         }
         catch (BlockException e)
         {
@@ -68,10 +114,6 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
         }
         WriteEngineWarnings();
     }
-
-    #endregion
-
-    #region Private methods
 
     private BackupVerification Verify(string path)
     {
@@ -88,7 +130,7 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
         long compared = 0;
         long? difference;
         string reference;
-        if (ParameterSetName == ManifestSet)
+        if (ParameterSetName is ManifestSet or ManifestLiteralSet)
         {
             using DigestManifest manifest = DigestManifest.Open(ResolveFilePath(Manifest));
             reference = manifest.Path;
@@ -104,7 +146,7 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
                 WriteVerbose($"'{path}' differs from its manifest in {scan.ClustersDiffering} clusters of {manifest.Info.ClusterSize} bytes, the first at offset {first}.");
             return new BackupVerification(path, reference, problems, leaks, difference, compared, scan.ClustersDiffering);
         }
-        if (ParameterSetName == NodeSet)
+        if (ParameterSetName is NodeSet or NodeLiteralSet)
         {
             BlockNode node = Engine.Get(Node);
             reference = node.Name;

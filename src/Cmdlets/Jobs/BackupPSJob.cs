@@ -8,8 +8,11 @@ namespace BitmapBackup;
 /// <summary>
 /// A backup as a PowerShell job: Get-Job, Wait-Job, Receive-Job (one <see cref="BackupResult"/>), Stop-Job
 /// (cancel), Suspend-Job/Resume-Job (pause) and Remove-Job work on it. <see cref="Status"/> is QEMU's job
-/// status; the PowerShell state follows it: running → Running, paused → Suspended, concluded → Completed,
-/// Failed or (cancelled) Stopped. Progress records are written to the Progress stream while it copies.
+/// status; the PowerShell state follows it: running → Running, paused → Suspended, waiting for
+/// Complete-IncrementalBackup (-AutoFinalize $false once Pending, -Sync None from the start) → Blocked, concluded →
+/// Completed, Failed or (cancelled) Stopped. Wait-Job returns on a Blocked or Suspended job, as on a finished one.
+/// Progress records are written to the Progress stream while it copies. The job belongs to the runspace that
+/// started it (<see cref="BackupJobSourceAdapter"/>).
 /// </summary>
 public sealed class BackupPSJob : Job2
 {
@@ -20,6 +23,7 @@ public sealed class BackupPSJob : Job2
     private readonly Timer _progressTimer;
     private readonly Lock _progressLock = new();
     private readonly int _activityId;
+    private readonly BackupChildJob _child;
     private int _finished;
 
     internal BackupPSJob(BackupJob job, string command, string? name)
@@ -27,6 +31,8 @@ public sealed class BackupPSJob : Job2
     {
         Backup = job;
         PSJobTypeName = TypeName;
+        _child = new BackupChildJob(this, command, Name);
+        ChildJobs.Add(_child);
         _activityId = (int)(Interlocked.Increment(ref s_activity) & 0x7fffffff);
         Output.EnumeratorNeverBlocks = true;
         _progressTimer = new Timer(_ => WriteProgressRecord(), null, Timeout.Infinite, Timeout.Infinite);
@@ -34,6 +40,9 @@ public sealed class BackupPSJob : Job2
     }
 
     private static long s_activity;
+
+    /// <summary>The adapter (of the runspace that started the job) that keeps it.</summary>
+    internal BackupJobSourceAdapter? Adapter { get; set; }
 
     /// <summary>The engine's job.</summary>
     public BackupJob Backup { get; }
@@ -64,7 +73,7 @@ public sealed class BackupPSJob : Job2
             // then Conclude has set the final state, which Running must not overwrite.
             if (Volatile.Read(ref _finished) == 0)
             {
-                SetJobState(JobState.Running);
+                SetState(JobState.Running);
                 _progressTimer.Change(TimeSpan.Zero, ProgressInterval);
             }
         }
@@ -72,6 +81,16 @@ public sealed class BackupPSJob : Job2
             Backup.Run();
         else
             OnStatusChanged(Backup, Backup.Status);
+    }
+
+    /// <summary>Set the job's state and its child's (see <see cref="BackupChildJob"/>).</summary>
+    private void SetState(JobState state, Exception? reason = null)
+    {
+        _child.Follow(state);
+        if (reason is null)
+            SetJobState(state);
+        else
+            SetJobState(state, reason);
     }
 
     public override void StartJobAsync()
@@ -93,7 +112,7 @@ public sealed class BackupPSJob : Job2
     {
         if (IsFinished)
             return;
-        SetJobState(JobState.Stopping);
+        SetState(JobState.Stopping);
         Backup.Cancel();
         if (!Backup.Completion.Wait(StopTimeout))
         {
@@ -117,7 +136,7 @@ public sealed class BackupPSJob : Job2
             $"Backup job '{Name}' was cancelled but did not finish cleaning up within {StopTimeout.TotalSeconds:0} s (status {Backup.Status}); " +
             "its bitmap stays busy until it does, and the job can be removed.", Name);
         Error.Add(ErrorRecordFactory.From(error));
-        SetJobState(JobState.Failed);
+        SetState(JobState.Failed);
     }
 
     public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
@@ -179,21 +198,36 @@ public sealed class BackupPSJob : Job2
             status = job.Status; // a pause and a resume may race: follow where the job is now, not the event's order
         switch (status)
         {
-            case BlockJobStatus.Running:
-                if (JobStateInfo.State is JobState.Suspended or JobState.Suspending)
-                    SetJobState(JobState.Running);
+            case BlockJobStatus.Running or BlockJobStatus.Waiting or BlockJobStatus.Pending:
+                FollowActivity(job);
                 break;
             case BlockJobStatus.Paused:
-                if (JobStateInfo.State == JobState.Running)
-                    SetJobState(JobState.Suspended);
+                if (JobStateInfo.State is JobState.Running or JobState.Blocked)
+                    SetState(JobState.Suspended);
                 if (job.PausedByError && job.LastTransientError is { } e)
-                    Warning.Add(new WarningRecord($"Backup job '{Name}' paused after an error: {e.Message} Resume-Job retries."));
+                    Warning.Add(new WarningRecord($"Backup job '{Name}' paused after an error: {e.Message} Resume-IncrementalBackup retries."));
                 break;
             case BlockJobStatus.Concluded:
                 Conclude(job);
                 break;
         }
     }
+
+    /// <summary>A job that is not paused: Blocked while it waits for Complete-IncrementalBackup, else Running.</summary>
+    private void FollowActivity(BackupJob job)
+    {
+        lock (_progressLock)
+        {
+            if (IsFinished || JobStateInfo.State == JobState.Stopping)
+                return;
+            JobState state = job.AwaitsCompletion ? JobState.Blocked : JobState.Running;
+            if (JobStateInfo.State != state)
+                SetState(state);
+        }
+    }
+
+    /// <summary>Complete-IncrementalBackup was called: a Blocked job runs on to its end.</summary>
+    internal void Completing() => FollowActivity(Backup);
 
     private void Conclude(BackupJob job)
     {
@@ -211,16 +245,16 @@ public sealed class BackupPSJob : Job2
         BlockException? error = job.Error;
         if (error is null)
         {
-            SetJobState(JobState.Completed);
+            SetState(JobState.Completed);
         }
         else if (error.ErrorId == ErrorIds.BackupCancelled)
         {
-            SetJobState(JobState.Stopped);
+            SetState(JobState.Stopped);
         }
         else
         {
             Error.Add(ErrorRecordFactory.From(error));
-            SetJobState(JobState.Failed);
+            SetState(JobState.Failed);
         }
     }
 

@@ -21,6 +21,7 @@ public static class ErrorIds
     public const string ImageIOFailed = "ImageIOFailed";
     public const string TooManyOpenFiles = "TooManyOpenFiles";
     public const string InvalidImageSize = "InvalidImageSize";
+    public const string ImageTooLargeForFileSystem = "ImageTooLargeForFileSystem";
     public const string ShrinkWouldDiscardData = "ShrinkWouldDiscardData";
     public const string OffsetOutOfRange = "OffsetOutOfRange";
     public const string InvalidLength = "InvalidLength";
@@ -67,6 +68,7 @@ public static class ErrorIds
     public const string BackupFailed = "BackupFailed";
     public const string BackupCancelled = "BackupCancelled";
     public const string JobStopTimedOut = "JobStopTimedOut";
+    public const string JobNotFound = "JobNotFound";
 
     // Digest manifests
     public const string DigestManifestNotFound = "DigestManifestNotFound";

@@ -201,6 +201,9 @@ internal static class ImageLocks
     }
 
     private static BlockException InUse(string path, string conflict)
-        => new(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
-            $"Image '{path}' is in use: {conflict} (or another open of it in this process does). Is another process using the image [{path}]?", path);
+        => ImageHolders.Of(path) is { } holder
+            ? new(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
+                $"Image '{path}' is open as {holder} in this session, which holds its image locks: {conflict.Replace("another process holds", "that node holds", StringComparison.Ordinal)}. Close the node first (Close-BlockNode), or read the image with -ForceShare.", path)
+            : new(ErrorIds.ImageInUse, BlockErrorCategory.ResourceBusy,
+                $"Image '{path}' is in use: {conflict} (or another open of it in this process does). Is another process using the image [{path}]?", path);
 }

@@ -98,6 +98,25 @@ public sealed class BackupJob
 
     public BlockJobStatus Status { get { lock (_lock) return _status; } }
 
+    /// <summary>
+    /// True while the job waits for <see cref="Complete"/> and for nothing else: Pending with auto-finalize off, or a
+    /// -Sync None job running (it never ends by itself). False again once Complete or Cancel was called.
+    /// </summary>
+    public bool AwaitsCompletion
+    {
+        get
+        {
+            lock (_lock)
+            {
+                if (_finalizeRequested.Task.IsCompleted)
+                    return false;
+                return _spec.Sync == BackupSyncMode.None
+                    ? _status is BlockJobStatus.Running or BlockJobStatus.Pending
+                    : _status == BlockJobStatus.Pending && !AutoFinalize;
+            }
+        }
+    }
+
     /// <summary>True while paused by <see cref="JobErrorAction.Stop"/> after an error.</summary>
     public bool PausedByError { get { lock (_lock) return _pausedByError; } }
 

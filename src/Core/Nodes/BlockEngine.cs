@@ -1,3 +1,4 @@
+using BitmapBackup.Core.IO;
 using System.Text;
 using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Formats;
@@ -55,6 +56,9 @@ public sealed class BlockEngine
         if (backingFile is not null)
         {
             string backing = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(fullPath)!, backingFile);
+            if (Directory.Exists(backing))
+                Throw.Block(ErrorIds.ImageIsFolder, BlockErrorCategory.InvalidArgument,
+                    $"Backing file '{backingFile}' of '{fullPath}' is a folder ('{backing}'), not an image.", backingFile);
             if (!File.Exists(backing))
                 Throw.Block(ErrorIds.BackingFileNotFound, BlockErrorCategory.ObjectNotFound,
                     $"Backing file '{backingFile}' of '{fullPath}' does not exist (looked for '{backing}'; a relative name is relative to the new image's folder).", backingFile);
@@ -136,6 +140,7 @@ public sealed class BlockEngine
             _opening.Remove(name);
             _nodes.Add(name, node);
         }
+        ImageHolders.Add(node.Path, $"node '{name}'");
         return node;
     }
 
@@ -214,6 +219,7 @@ public sealed class BlockEngine
             if (_nodes.TryGetValue(node.Name, out BlockNode? known) && known == node)
                 _nodes.Remove(node.Name);
         }
+        ImageHolders.Remove(node.Path, $"node '{node.Name}'");
     }
 
     /// <summary>Close every node (process exit, module unload); errors are collected, not thrown one by one.</summary>

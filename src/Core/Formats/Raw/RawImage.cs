@@ -61,11 +61,24 @@ public sealed class RawImage : IBlockImage
     /// <summary>Open a raw image; with <paramref name="forceShare"/> (read-only) without image locks.</summary>
     public static RawImage Open(string path, bool readOnly, bool forceShare = false) => new(path, ImageFiles.Open(path, readOnly, forceShare), readOnly);
 
-    /// <summary>Create a sparse raw image of <paramref name="size"/> bytes; fails if the file exists.</summary>
+    /// <summary>
+    /// Create a sparse raw image of <paramref name="size"/> bytes; fails if the file exists, and leaves no file when the
+    /// size cannot be set (ImageTooLargeForFileSystem: the file system cannot hold a file that large).
+    /// </summary>
     public static void Create(string path, long size)
     {
-        using SafeFileHandle handle = ImageFiles.CreateNew(path);
-        ImageFiles.Io(path, "create", () => RandomAccess.SetLength(handle, size));
+        SafeFileHandle handle = ImageFiles.CreateNew(path);
+        try
+        {
+            FileLength.Set(handle, path, size, "create");
+        }
+        catch
+        {
+            handle.Dispose();
+            File.Delete(path);
+            throw;
+        }
+        handle.Dispose();
     }
 
     public void Read(long offset, Span<byte> buffer)
@@ -192,7 +205,7 @@ public sealed class RawImage : IBlockImage
             Volatile.Write(ref _size, newSize);
             return;
         }
-        ImageFiles.Io(Path, "resize", () => RandomAccess.SetLength(_handle, newSize));
+        FileLength.Set(_handle, Path, newSize, "resize");
         Volatile.Write(ref _size, newSize);
     }
 
