@@ -186,7 +186,7 @@ Describe 'Start-IncrementalBackup as a PowerShell job' -Skip:$NoQemuImg {
         $reached | Should -BeFalse
     }
 
-    It 'a failed job: State Failed, Status Concluded, Receive-Job gives the result and writes the error' {
+    It 'a failed job: State Failed, Status Concluded, the error is JobStateInfo.Reason, Receive-Job gives the result and writes the error once' {
         $rule = $Faults::Add('drive0.qcow2', $Read, 32MB, 64KB, 1)
         $job = Start-IncrementalBackup -Node $src.Name -Target $full -Sync Full
         $null = $job | Wait-Job -Timeout 60
@@ -199,9 +199,14 @@ Describe 'Start-IncrementalBackup as a PowerShell job' -Skip:$NoQemuImg {
         $out[0].Succeeded | Should -BeFalse
         $out[0].ErrorId | Should -BeExactly 'ImageIOFailed'
         $out[0].Error | Should -BeLike "*'$($src.Path)'*offset 33554432*"
+        # The failure is the job's JobStateInfo.Reason (the engine's exception: id, category); Receive-Job writes it
+        # once, as JobStateFailed, as it does for a failed ThreadJob.
+        $job.JobStateInfo.Reason.ErrorId | Should -BeExactly 'ImageIOFailed'
+        [string]$job.JobStateInfo.Reason.Category | Should -BeExactly 'ReadError'
+        $job.JobStateInfo.Reason.Message | Should -BeExactly $out[0].Error
         $jobErrors.Count | Should -Be 1
-        $jobErrors[0].FullyQualifiedErrorId | Should -BeExactly 'ImageIOFailed'
-        $jobErrors[0].CategoryInfo.Category | Should -Be 'ReadError'
+        $jobErrors[0].FullyQualifiedErrorId | Should -BeExactly 'JobStateFailed'
+        $jobErrors[0].Exception | Should -Be $job.JobStateInfo.Reason
         Test-Path -LiteralPath $full | Should -BeFalse
         Test-Path -LiteralPath "$full.partial" | Should -BeFalse
     }

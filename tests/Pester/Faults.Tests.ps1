@@ -643,9 +643,9 @@ Describe 'A target whose storage hangs (fsfreeze of an ext4 loop mount): Stop-Jo
             $sw.Elapsed.TotalSeconds | Should -BeGreaterOrEqual 1.5 -Because 'it did wait for the bound: the storage hangs'
             if ($Verb -eq 'Stop-Job') {
                 $job.State | Should -Be 'Failed'
-                $e = @($job.Error)[-1]
-                $e.FullyQualifiedErrorId | Should -BeLike 'JobStopTimedOut*'
-                $e.Exception.Message | Should -Match 'did not finish cleaning up'
+                $e = $job.JobStateInfo.Reason
+                $e.ErrorId | Should -BeExactly 'JobStopTimedOut'
+                $e.Message | Should -Match 'did not finish cleaning up'
                 Remove-JobAtOnce -Job $job
             }
             Get-Job -Id $job.Id -ErrorAction SilentlyContinue | Should -BeNullOrEmpty

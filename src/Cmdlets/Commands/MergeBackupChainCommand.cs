@@ -21,7 +21,7 @@ public sealed class MergeBackupChainCommand : BitmapBackupCmdlet
 
     /// <summary>The top image of the chain (the newest backup).</summary>
     [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
-    [Alias("FullName", "Target")]
+    [Alias("PSPath", "FullName", "Target")]
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
@@ -53,7 +53,7 @@ public sealed class MergeBackupChainCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        string path = ResolveFilePath(Path);
+        string path = ResolveSingleFile(Path, literal: false);
         string? into = ParameterSetName == IntoSet ? ResolveFilePath(Into) : null;
         string action = into is null
             ? $"Merge the oldest images of the chain so that it keeps at most {Keep} (older images and their manifests are deleted)"
