@@ -114,7 +114,7 @@ public sealed class BlockEngine
             node = new BlockNode(name, image, StoreFor(image), cache);
             try
             {
-                node.LoadPersistentBitmaps();
+                node.LoadPersistentBitmaps(forceShare);
             }
             catch
             {
