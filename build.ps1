@@ -1,12 +1,15 @@
 #!/usr/bin/env pwsh
 <#
 .SYNOPSIS
-    Every task of the BitmapBackup repository: Build, Help, Test, Demo, Bench, Package.
+    Every task of the BitmapBackup repository: Build, Help, Test, Faults, Demo, Bench, Package.
 .DESCRIPTION
     Run with the repository's own PowerShell (dotnet tool restore; dotnet pwsh ./build.ps1 <Task>).
     Build stages a ready module folder in out/BitmapBackup, its help (from docs/help) included. Test runs the xunit suite of Core and the Pester
     suite of the cmdlets (in a fresh child pwsh, since a binary module cannot be reloaded) and ends with one
-    line "N passed, N failed, N skipped"; it exits non-zero on any failure.
+    line "N passed, N failed, N skipped"; it exits non-zero on any failure. Faults runs only the fault campaign
+    (tests/Pester/Faults.Tests.ps1: real ENOSPC on small tmpfs mounts, kill -9 of child processes; needs root) with many
+    seeds and a fine sweep of free space, in a fresh child pwsh; a failing test names its seed, and
+    BITMAPBACKUP_FAULT_SEED=<seed> replays it.
 .EXAMPLE
     dotnet pwsh -NoProfile -NonInteractive ./build.ps1 Test
 #>
@@ -23,7 +26,10 @@ param(
     [string] $PesterVersion = '5.7.1',
 
     # Extra arguments for the bench program (suite names).
-    [string[]] $BenchArgs = @()
+    [string[]] $BenchArgs = @(),
+
+    # Faults: how many seeds the campaign runs (BITMAPBACKUP_FAULT_SEEDS, when set, wins).
+    [int] $FaultSeeds = 4
 )
 
 Set-StrictMode -Version Latest
@@ -36,7 +42,7 @@ $OutDir = Join-Path $Root 'out'
 $ModuleDir = Join-Path $OutDir $ModuleName
 $Artifacts = Join-Path $Root 'artifacts'
 $Solution = Join-Path $Root 'BitmapBackup.slnx'
-$ValidTasks = 'Build', 'Help', 'HelpScaffold', 'Test', 'Demo', 'Bench', 'Package', 'Clean'
+$ValidTasks = 'Build', 'Help', 'HelpScaffold', 'Test', 'Faults', 'Demo', 'Bench', 'Package', 'Clean'
 
 $Task = @($Task | ForEach-Object { $_ -split ',' } | ForEach-Object { $_.Trim() } | Where-Object { $_ })
 foreach ($t in $Task) {
@@ -143,6 +149,31 @@ function Task-Test {
     $skipped = $xunit.Skipped + $pester.Skipped
     $script:TestFailed = $failed -gt 0
     Write-Host "$passed passed, $failed failed, $skipped skipped"
+}
+
+function Task-Faults {
+    # The standing fault campaign alone, longer than in Test: many seeds (from a printed base, so any run can be
+    # replayed), free space swept finely, more instants and rounds per seed.
+    Invoke-Task Build
+    $results = Join-Path $Artifacts 'fault-results'
+    if (Test-Path $results) { Remove-Item $results -Recurse -Force }
+    $null = New-Item -ItemType Directory -Path $results -Force
+    Invoke-Native dotnet @('restore', (Join-Path $Root 'build/tools.csproj'), '-nologo', '-v', 'q')
+    $pesterModule = Join-Path (Get-NuGetRoot) "pester/$PesterVersion/tools/Pester.psd1"
+    $summary = Join-Path $results 'pester-summary.json'
+    $env:BITMAPBACKUP_MODULE = Join-Path $ModuleDir "$ModuleName.psd1"
+    if (-not $env:BITMAPBACKUP_FAULT_SEED) {
+        if (-not $env:BITMAPBACKUP_FAULT_SEEDS) { $env:BITMAPBACKUP_FAULT_SEEDS = "$FaultSeeds" }
+        if (-not $env:BITMAPBACKUP_FAULT_SEED_BASE) { $env:BITMAPBACKUP_FAULT_SEED_BASE = "$(Get-Random -Minimum 1000 -Maximum 1000000)" }
+        Write-Host "Fault campaign: $env:BITMAPBACKUP_FAULT_SEEDS seeds from $env:BITMAPBACKUP_FAULT_SEED_BASE (BITMAPBACKUP_FAULT_SEED=<seed> replays one)"
+    }
+    else { Write-Host "Fault campaign: seed $env:BITMAPBACKUP_FAULT_SEED" }
+    if (-not $env:BITMAPBACKUP_FAULT_SWEEP) { $env:BITMAPBACKUP_FAULT_SWEEP = 'Full' }
+    $null = Invoke-ChildPwsh (Join-Path $Root 'tests/Invoke-Pester.ps1') @('-PesterModule', $pesterModule, '-SummaryPath', $summary,
+        '-ResultsPath', (Join-Path $results 'faults.junit.xml'), '-Path', (Join-Path $Root 'tests/Pester/Faults.Tests.ps1'))
+    $r = if (Test-Path $summary) { Get-Content -Raw $summary | ConvertFrom-Json } else { [pscustomobject]@{ Passed = 0; Failed = 1; Skipped = 0 } }
+    $script:TestFailed = $r.Failed -gt 0
+    Write-Host "$($r.Passed) passed, $($r.Failed) failed, $($r.Skipped) skipped"
 }
 
 function Task-Demo {

@@ -141,25 +141,6 @@ public sealed class Qcow2FeatureTests
     }
 
     [Fact]
-    public void DeepChains_AreRefusedPastTheLimit()
-    {
-        using var dir = new TempDirectory();
-        int depth = Qcow2Limits.MaxBackingChainDepth;
-        Qcow2Image.Create(dir.File("c0.qcow2"), MiB);
-        for (int i = 1; i <= depth + 1; i++)
-            Qcow2Image.Create(dir.File($"c{i}.qcow2"), MiB, 512, $"c{i - 1}.qcow2", ImageFormat.Qcow2);
-        using (var ok = Qcow2Image.Open(dir.File($"c{depth}.qcow2"), readOnly: true))
-        {
-            Assert.Equal(depth, ok.BackingChain.Count);
-            Assert.Equal(dir.File("c0.qcow2"), ok.BackingChain[^1].Path);
-            var buffer = new byte[4096];
-            ok.Read(0, buffer);
-        }
-        BlockException e = Refused(dir.File($"c{depth + 1}.qcow2"));
-        Assert.Equal(ErrorIds.BackingChainTooDeep, e.ErrorId);
-    }
-
-    [Fact]
     public void UnsupportedBackingFormat_IsNamed()
     {
         QemuImg.Require();

@@ -157,7 +157,7 @@ public sealed class Qcow2HostileImageTests
 
     #region Base images
 
-    private static byte[] MakeBase(string name, TempDirectory dir)
+    internal static byte[] MakeBase(string name, TempDirectory dir)
     {
         string path = dir.File("base-" + name + ".qcow2");
         switch (name)
@@ -229,7 +229,7 @@ public sealed class Qcow2HostileImageTests
         ("header_length", 100, 4), ("compression_type", 104, 1),
     ];
 
-    private static IEnumerable<(string Name, byte[] Bytes)> Mutations(byte[] original, int seed)
+    internal static IEnumerable<(string Name, byte[] Bytes)> Mutations(byte[] original, int seed)
     {
         var rng = new Random(seed);
         long fileLength = original.Length;

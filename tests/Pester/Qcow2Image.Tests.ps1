@@ -94,7 +94,7 @@ Describe 'qcow2 images' -Skip:(-not (Get-Command qemu-img -ErrorAction SilentlyC
         Get-RangeText -Node g -Name b | Should -Be @('4194304+8388608') -Because 'growth marks the range it adds'
         Clear-DirtyBitmap -Node g -Name b
         Write-BlockNode -Node g -Offset (11MB) -Pattern 7 -Length 1
-        Get-RangeText -Node g -Name b | Should -Be @('11534336+65536')
+        Get-RangeText -Node g -Name b | Should -Be @('11534336+65536')   # after the clear, only the write
         Assert-BlockError { Resize-BlockNode -Node g -Size 8MB -ErrorAction Stop } -ErrorId 'ShrinkWouldDiscardData,BitmapBackup.ResizeBlockNodeCommand'
         Close-BlockNode g
         (Get-QemuInfo (Join-Path $dir 'g.qcow2')).'virtual-size' | Should -Be 12MB

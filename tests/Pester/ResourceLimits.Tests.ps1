@@ -1,5 +1,7 @@
 # Limits a long-lived session or a big schedule meets (issue 23): running out of file descriptors has its own error id,
-# finished jobs do not keep their images in memory, and a thousand persistent bitmaps cost what their tables cost.
+# finished jobs do not keep their images in memory, a thousand persistent bitmaps cost what their tables cost, and a
+# backup chain has no fixed depth: a 1,000-image chain made by qemu-img is listed, checked and restored as qemu-img
+# reads it, also under a hard limit of 256 open files.
 BeforeDiscovery {
     $NoQemu = -not (Get-Command qemu-img -ErrorAction SilentlyContinue)
 }
@@ -94,5 +96,90 @@ foreach (`$n in 21..320) { Take `$n }
         $check = Get-QemuImageCheck -Path $path
         $check.ExitCode | Should -Be 0
         $check.'allocated-clusters' | Should -Be $baseline -Because 'every table and directory cluster is free again'
+    }
+
+    Context 'A backup chain 1,000 images deep (an hourly schedule for six weeks)' {
+        BeforeAll {
+            # c0000 is a full backup (clusters 0-15 hold 0xB0); c0100·k stores cluster k (byte k), k = 1-9; the other
+            # 990 store nothing, like backups of an idle hour. qemu-img makes the images: the data layers one by one,
+            # the empty ones as copies of one empty layer with the backing name (same length for every layer) patched,
+            # which is what qemu-img rebase -u writes (running qemu-img 1,000 times costs a minute).
+            $script:chainDir = New-TestDirectory
+            $script:depth = 1000
+            function Name([int] $i) { 'c{0:d4}.qcow2' -f $i }
+            & qemu-img create -q -f qcow2 -o cluster_size=4096 (Join-Path $chainDir (Name 0)) 4M
+            & qemu-io -f qcow2 -c 'write -q -P 0xb0 0 64k' (Join-Path $chainDir (Name 0)) | Out-Null
+            $template = Join-Path $chainDir 'template.qcow2'
+            & qemu-img create -q -f qcow2 -o cluster_size=4096 -u -b (Name 0) -F qcow2 $template 4M
+            $bytes = [IO.File]::ReadAllBytes($template)
+            function BigEndian([int] $at, [int] $count) { $v = [uint64]0; foreach ($b in $bytes[$at..($at + $count - 1)]) { $v = $v * 256 + $b }; $v }
+            $nameOffset = BigEndian 8 8
+            $nameLength = BigEndian 16 4
+            $nameLength | Should -Be (Name 0).Length
+            foreach ($i in 1..($depth - 1)) {
+                $path = Join-Path $chainDir (Name $i)
+                if ($i % 100 -eq 0) {
+                    & qemu-img create -q -f qcow2 -o cluster_size=4096 $path 4M
+                    & qemu-io -f qcow2 -c "write -q -P $($i / 100) $(($i / 100) * 4096) 4k" $path | Out-Null
+                    & qemu-img rebase -u -b (Name ($i - 1)) -F qcow2 $path
+                }
+                else {
+                    [Text.Encoding]::ASCII.GetBytes((Name ($i - 1))).CopyTo($bytes, [int]$nameOffset)
+                    [IO.File]::WriteAllBytes($path, $bytes)
+                }
+            }
+            $script:top = Join-Path $chainDir (Name ($depth - 1))
+            $script:reference = Join-Path $chainDir 'reference.raw'
+            & qemu-img convert -O raw $top $reference
+            $LASTEXITCODE | Should -Be 0
+        }
+
+        It 'lists the chain as qemu-img info --backing-chain lists it' {
+            $chain = @(Get-BackupChain -Path $top)
+            $qemu = @(& qemu-img info --backing-chain --output=json $top | ConvertFrom-Json)
+            $chain.Count | Should -Be $depth
+            $qemu.Count | Should -Be $depth
+            # Ours: base first (Depth 0); qemu-img: top first.
+            $ours = @($chain | Sort-Object Depth -Descending | ForEach-Object { $_.Path })
+            $theirs = @($qemu | ForEach-Object { [IO.Path]::GetFullPath($_.filename, $chainDir) })
+            $ours | Should -Be $theirs
+            ($chain | Measure-Object DataBytes -Sum).Sum | Should -Be (64KB + 9 * 4KB)
+        }
+
+        It 'checks the chain and compares it with what qemu-img convert reads' {
+            $r = Test-IncrementalBackup -Path $top -ReferencePath $reference
+            $r.ChainValid | Should -BeTrue
+            $r.Equal | Should -BeTrue
+            $r.Passed | Should -BeTrue
+            # One byte changed in the reference, in the cluster the base holds under 999 images: found where it is.
+            $changed = Join-Path $chainDir 'changed.raw'
+            Copy-Item $reference $changed
+            $fs = [IO.File]::OpenWrite($changed); $fs.Position = 12345 + 40KB; $fs.WriteByte(0x01); $fs.Dispose()
+            $d = Test-IncrementalBackup -Path $top -ReferencePath $changed
+            $d.Passed | Should -BeFalse
+            $d.FirstDifference | Should -Be (12345 + 40KB)
+        }
+
+        It 'restores the chain to what qemu-img convert makes of it' {
+            $restored = Join-Path $chainDir 'restored.raw'
+            $null = Restore-IncrementalBackup -Path $top -Destination $restored -Wait
+            & qemu-img compare -f raw -F raw $restored $reference | Out-Null
+            $LASTEXITCODE | Should -Be 0
+            Remove-Item $restored
+        }
+
+        It 'lists, checks and restores it under a hard limit of 256 open files (the budget of open backing files keeps 64)' {
+            $out = Invoke-ChildScript -FileLimit 256 @"
+@(Get-BackupChain -Path '$top').Count
+(Test-IncrementalBackup -Path '$top' -ReferencePath '$reference').Passed
+`$null = Restore-IncrementalBackup -Path '$top' -Destination '$chainDir/limited.raw' -Wait
+"restored"
+"@
+            $out[-3] | Should -Be $depth
+            $out[-2] | Should -Be 'True'
+            $out[-1] | Should -Be 'restored'
+            & qemu-img compare -f raw -F raw "$chainDir/limited.raw" $reference | Out-Null
+            $LASTEXITCODE | Should -Be 0
+        }
     }
 }

@@ -191,8 +191,10 @@ function Get-QemuImageCheck {
     #>
     param([Parameter(Mandatory)] [string] $Path)
     $r = Invoke-QemuImg check --output=json -f qcow2 $Path
+    # The JSON is on stdout; a damaged image adds lines ("Leaked cluster ...") on stderr, which Output merges.
+    $json = (($r.Output -split "`n") | Where-Object { $_ -notmatch '^(Leaked cluster|ERROR|Warning|Repairing)' }) -join "`n"
     $info = $null
-    try { $info = $r.Output | ConvertFrom-Json -AsHashtable } catch { $info = @{} }
+    try { $info = $json | ConvertFrom-Json -AsHashtable } catch { $info = @{} }
     if ($null -eq $info) { $info = @{} }
     foreach ($key in 'corruptions', 'leaks', 'check-errors', 'compressed-clusters', 'allocated-clusters') {
         if (-not $info.ContainsKey($key)) { $info[$key] = 0 }

@@ -32,6 +32,7 @@ public sealed class GetBackupChainCommand : BitmapBackupCmdlet
         if (!TryRun(() =>
         {
             using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true, ForceShare);
+            _ = BlockEngine.StoreFor(top)?.Load(); // one validation for every reader: damaged bitmap metadata is refused here too
             chain = BackupChain.Describe(top);
         }))
         {

@@ -78,6 +78,7 @@ public sealed class TestIncrementalBackupCommand : BitmapBackupCmdlet
         var problems = new List<string>();
         long leaks = 0;
         using IBlockImage top = BlockEngine.OpenImage(path, readOnly: true, ForceShare);
+        _ = BlockEngine.StoreFor(top)?.Load(); // the same validation as Open-BlockNode and Get-BlockImage
         foreach (ChainImage layer in BackupChain.Describe(top).Where(l => l.Format == ImageFormat.Qcow2))
         {
             Qcow2CheckReport report = Qcow2Checker.Check(layer.Path, ForceShare);

@@ -46,7 +46,7 @@ public static class ErrorIds
     // qcow2 images and backing chains
     public const string ImageCorrupt = "ImageCorrupt";
     public const string UnsupportedImageFeature = "UnsupportedImageFeature";
-    public const string BackingChainTooDeep = "BackingChainTooDeep";
+    public const string BackingFileChanged = "BackingFileChanged";
     public const string BackingChainLoop = "BackingChainLoop";
     public const string BackingFileNotFound = "BackingFileNotFound";
     public const string BackingFileNameTooLong = "BackingFileNameTooLong";

@@ -150,6 +150,8 @@ internal static class ImageFiles
         if (!create)
             CheckIsImageFile(path);
         int errno = LinuxFile.OpenNonBlocking(path, write, create, exclusive, out SafeFileHandle handle);
+        if (errno is LinuxFile.EMFILE or LinuxFile.ENFILE && FileHandleBudget.ParkIdle() > 0)
+            errno = LinuxFile.OpenNonBlocking(path, write, create, exclusive, out handle); // idle backing files gave their descriptors back
         if (errno != 0)
             throw OpenFailed(path, write, create, errno);
         try

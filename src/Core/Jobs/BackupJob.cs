@@ -438,6 +438,8 @@ public sealed class BackupJob
             failure = Cancelled();
         if (failure is null && _spec.Sync != BackupSyncMode.None && !_copier!.IsDone)
             failure = new BlockException(ErrorIds.BackupFailed, BlockErrorCategory.InvalidOperation, $"Backup job '{Id}' ended with data left to copy.", Id);
+        if (failure is null && _spec.Sync != BackupSyncMode.None)
+            failure = PrepareCommit();
         if (failure is null && _group is not null)
         {
             SetStatus(BlockJobStatus.Waiting);
@@ -530,16 +532,7 @@ public sealed class BackupJob
                         _cancel.Cancel();
                         return;
                     case JobErrorAction.Stop:
-                        bool changed;
-                        lock (_lock)
-                        {
-                            _lastTransientError = e.Error;
-                            _pausedByError = true;
-                            _running.Reset();
-                            changed = ChangeStatusLocked(BlockJobStatus.Paused);
-                        }
-                        if (changed)
-                            RaiseStatusChanged(BlockJobStatus.Paused);
+                        PauseForError(e.Error);
                         break;
                     default:
                         lock (_lock)
@@ -547,6 +540,70 @@ public sealed class BackupJob
                         cancel.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(20)); // retried later
                         break;
                 }
+            }
+        }
+    }
+
+    /// <summary>-OnSourceError/-OnTargetError Stop: pause (the workers wait on <see cref="_running"/>) until Resume retries.</summary>
+    private void PauseForError(BlockException error)
+    {
+        bool changed;
+        lock (_lock)
+        {
+            _lastTransientError = error;
+            _pausedByError = true;
+            _running.Reset();
+            changed = ChangeStatusLocked(BlockJobStatus.Paused);
+        }
+        if (changed)
+            RaiseStatusChanged(BlockJobStatus.Paused);
+    }
+
+    /// <summary>
+    /// Everything of the commit that can fail, but the rename, done before the job waits for its group or for
+    /// Complete (QEMU's .prepare): the copy is over (copy-before-write has nothing left to copy), so the target is
+    /// flushed now and its final name checked. A failure here fails the job, and with it the whole group, before any
+    /// job of the group has committed: a grouped transaction completes all its backups or none, even when the
+    /// target's file system fills up while its metadata is written back. That write-back is a write of the target, so
+    /// -OnTargetError applies to it as to the copy: Stop pauses the job until Resume retries it, Ignore retries it.
+    /// </summary>
+    private BlockException? PrepareCommit()
+    {
+        while (true)
+        {
+            BlockException error;
+            try
+            {
+                _target.Prepare();
+                return null;
+            }
+            catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
+            {
+                error = e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+                    $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
+            }
+            JobErrorAction action = error.ErrorId == ErrorIds.ImageIOFailed ? _spec.Request.OnTargetError : JobErrorAction.Report;
+            try
+            {
+                switch (action)
+                {
+                    case JobErrorAction.Stop:
+                        PauseForError(error);
+                        _running.Wait(_cancel.Token);
+                        break;
+                    case JobErrorAction.Ignore:
+                        lock (_lock)
+                            _lastTransientError = error;
+                        if (_cancel.Token.WaitHandle.WaitOne(TimeSpan.FromMilliseconds(20)))
+                            return Cancelled();
+                        break;
+                    default:
+                        return error;
+                }
+            }
+            catch (OperationCanceledException)
+            {
+                return Cancelled();
             }
         }
     }
@@ -562,6 +619,12 @@ public sealed class BackupJob
         {
             return e as BlockException ?? new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
                 $"Backup target '{TargetPath}' could not be completed: {e.Message}", TargetPath, e);
+        }
+        if (_group is not null && !_group.WaitForCommits(this, _cancel.Token, out BlockException? why))
+        {
+            // Another job of the group could not name its target: this one gives its name back, and the abort discards it.
+            Cleanup(_target.RollBackCommit);
+            return why ?? Cancelled();
         }
         Cleanup(CommitManifest);
         CleanUpBitmap(succeeded: true);
@@ -649,12 +712,19 @@ public sealed class BackupJob
         if (bitmap is null || Interlocked.Exchange(ref _bitmapCleanedUp, 1) != 0)
             return;
         BitmapSyncMode mode = _spec.BitmapMode!.Value;
-        bool sync = (succeeded || mode == BitmapSyncMode.Always) && mode != BitmapSyncMode.Never;
+        // A failed "always" backup drops the clusters it copied only when the target keeps them (flushed): if the
+        // partial image could not be kept (its file system is full, say), the bitmap keeps every bit instead.
+        bool sync = mode switch
+        {
+            BitmapSyncMode.Always => succeeded || _target.KeptCopiedData,
+            BitmapSyncMode.Never => false,
+            _ => succeeded,
+        };
         if (sync)
             bitmap.Abdicate();
         else
             bitmap.Reclaim();
-        if (!succeeded && mode == BitmapSyncMode.Always)
+        if (sync && !succeeded)
             bitmap.MergeInternal(_copier!.Remaining(), ClusterSize);
     }
 

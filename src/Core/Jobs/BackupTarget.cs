@@ -43,6 +43,12 @@ public sealed class BackupTarget : IDisposable
     /// <summary>True when a failed backup kept its partial file (<see cref="WritePath"/>).</summary>
     public bool KeptPartial { get; private set; }
 
+    /// <summary>
+    /// True when <see cref="Discard"/> kept what was copied, flushed (the partial file of a new target, or an existing
+    /// target written in place): only then may a failed "always" backup drop the copied clusters from its bitmap.
+    /// </summary>
+    public bool KeptCopiedData { get; private set; }
+
     /// <summary>A new image for a backup of <paramref name="size"/> bytes.</summary>
     public static BackupTarget CreateNew(string path, ImageFormat format, long size, BackupTargetOptions options)
     {
@@ -126,6 +132,21 @@ public sealed class BackupTarget : IDisposable
     }
 
     /// <summary>
+    /// What of <see cref="Commit"/> can fail before the rename, done early (the copy is over): data and metadata
+    /// written back and synced, and the final name still free. Throws when a step fails; the target is then not
+    /// finished and <see cref="Discard"/> removes it.
+    /// </summary>
+    public void Prepare()
+    {
+        if (_finished)
+            return;
+        Image.Flush();
+        if (Created && (File.Exists(Path) || Directory.Exists(Path)))
+            Throw.Block(ErrorIds.ImageAlreadyExists, BlockErrorCategory.ResourceExists,
+                $"Backup target '{Path}' cannot be given its name: a {(Directory.Exists(Path) ? "folder" : "file")} with that name appeared while the backup ran.", Path);
+    }
+
+    /// <summary>
     /// Make the backup durable and give it its name: data and metadata synced, the image closed, a new target renamed
     /// from its partial name, the folder synced. Throws when a step fails; the target is then not finished, and
     /// <see cref="Discard"/> still removes the partial file.
@@ -142,7 +163,25 @@ public sealed class BackupTarget : IDisposable
             IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(Path)!); // the new name survives a power failure
         }
         _finished = true;
+        _committed = true;
         s_inUse.TryRemove(Path, out _);
+    }
+
+    private bool _committed;
+
+    /// <summary>
+    /// Undo <see cref="Commit"/> of a new target (a grouped transaction whose other backup could not complete): the
+    /// file takes its partial name back, so that <see cref="Discard"/> deletes it and nothing passes for a backup.
+    /// A target written in place (-UseExistingTarget) has no name to give back: it stays as written.
+    /// </summary>
+    public void RollBackCommit()
+    {
+        if (!_committed || !Created)
+            return;
+        File.Move(Path, WritePath, overwrite: false);
+        IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(Path)!);
+        _committed = false;
+        _finished = false;
     }
 
     /// <summary>
@@ -172,6 +211,7 @@ public sealed class BackupTarget : IDisposable
         if (keepPartial)
         {
             KeptPartial = Created;
+            KeptCopiedData = true;
             return;
         }
         if (Created)

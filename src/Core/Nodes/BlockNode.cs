@@ -644,7 +644,12 @@ public sealed partial class BlockNode : IDisposable
     {
         CheckOpen();
         if (ReadOnly)
+        {
+            if (Image is Formats.Qcow2.Qcow2Image { IsCorrupt: true })
+                Throw.Block(ErrorIds.ImageCorrupt, BlockErrorCategory.InvalidData,
+                    $"Node '{Name}' is read-only since its image '{Path}' was marked corrupt; copy out what can be read, then repair it with 'qemu-img check -r all'.", Name);
             Throw.ReadOnly(Name);
+        }
     }
 
     /// <summary>Throw OffsetOutOfRange or InvalidLength unless [offset, offset+length) lies within the node.</summary>

@@ -1,4 +1,5 @@
 using BitmapBackup.Core.Errors;
+using BitmapBackup.Core.IO;
 using Microsoft.Win32.SafeHandles;
 
 namespace BitmapBackup.Core.Formats.Qcow2;
@@ -6,11 +7,13 @@ namespace BitmapBackup.Core.Formats.Qcow2;
 /// <summary>
 /// The image file under a qcow2 image: positional reads (zero-filled past the end of the file, as QEMU's file
 /// driver reads), writes and fsync, with OS errors turned into <see cref="BlockException"/>s naming the file.
-/// Tracks the file length so that offsets read from the image can be checked against it.
+/// Tracks the file length so that offsets read from the image can be checked against it. A backing file's
+/// descriptor is parkable (<see cref="ParkableFileHandle"/>): every call holds it open only while it runs.
 /// </summary>
 internal sealed class Qcow2File : IDisposable
 {
-    private readonly SafeFileHandle _handle;
+    private readonly SafeFileHandle? _handle;
+    private readonly ParkableFileHandle? _parkable;
 
     public Qcow2File(string path, SafeFileHandle handle)
     {
@@ -18,6 +21,29 @@ internal sealed class Qcow2File : IDisposable
         _handle = handle;
         Length = Get(() => RandomAccess.GetLength(handle), "read");
     }
+
+    /// <summary>A read-only file whose descriptor the process's budget of open backing files may close while idle.</summary>
+    public Qcow2File(ParkableFileHandle parkable)
+    {
+        Path = parkable.Path;
+        _parkable = parkable;
+        SafeFileHandle handle = Enter();
+        try
+        {
+            Length = Get(() => RandomAccess.GetLength(handle), "read");
+        }
+        finally
+        {
+            Exit();
+        }
+    }
+
+    /// <summary>True when the descriptor is closed for now (a parked backing file).</summary>
+    internal bool IsParked => _parkable?.IsParked == true;
+
+    private SafeFileHandle Enter() => _handle ?? _parkable!.Enter();
+
+    private void Exit() => _parkable?.Exit();
 
     public string Path { get; }
 
@@ -40,7 +66,15 @@ internal sealed class Qcow2File : IDisposable
             try
             {
                 Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileRead, offset + done, buffer.Length - done);
-                n = RandomAccess.Read(_handle, buffer[done..], offset + done);
+                SafeFileHandle handle = Enter();
+                try
+                {
+                    n = RandomAccess.Read(handle, buffer[done..], offset + done);
+                }
+                finally
+                {
+                    Exit();
+                }
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
@@ -63,14 +97,19 @@ internal sealed class Qcow2File : IDisposable
         Observer?.Invoke(offset, data.ToArray());
         _unsynced = true;
         Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileWrite, offset, data.Length);
+        SafeFileHandle handle = Enter();
         try
         {
-            RandomAccess.Write(_handle, data, offset);
+            RandomAccess.Write(handle, data, offset);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
                 $"I/O error on image '{Path}' during write at offset {offset}: {e.Message}", Path, e);
+        }
+        finally
+        {
+            Exit();
         }
         Length = Math.Max(Length, offset + data.Length);
     }
@@ -83,7 +122,15 @@ internal sealed class Qcow2File : IDisposable
         _unsynced = true;
         Get(() =>
         {
-            RandomAccess.SetLength(_handle, length);
+            SafeFileHandle handle = Enter();
+            try
+            {
+                RandomAccess.SetLength(handle, length);
+            }
+            finally
+            {
+                Exit();
+            }
             return 0;
         }, "write");
         Length = length;
@@ -117,13 +164,25 @@ internal sealed class Qcow2File : IDisposable
         Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileSync, 0, 1);
         Get(() =>
         {
-            IO.LinuxFile.DataSync(_handle);
+            SafeFileHandle handle = Enter();
+            try
+            {
+                IO.LinuxFile.DataSync(handle);
+            }
+            finally
+            {
+                Exit();
+            }
             return 0;
         }, "flush");
         _unsynced = false;
     }
 
-    public void Dispose() => _handle.Dispose();
+    public void Dispose()
+    {
+        _handle?.Dispose();
+        _parkable?.Dispose();
+    }
 
     private T Get<T>(Func<T> action, string what)
     {

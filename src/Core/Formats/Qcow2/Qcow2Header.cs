@@ -24,6 +24,7 @@ internal sealed class Qcow2Header
     public const int SizeOffset = 24;
     public const int L1SizeOffset = 36; // l1_size (4) then l1_table_offset (8): one 12-byte write
     public const int RefcountTableOffsetOffset = 48; // refcount_table_offset (8) then refcount_table_clusters (4)
+    public const int IncompatibleFeaturesOffset = 72;
     public const int AutoclearFeaturesOffset = 88;
     public const int CompressionTypeOffset = 104;
 

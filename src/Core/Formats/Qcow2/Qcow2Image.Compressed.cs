@@ -57,8 +57,15 @@ public sealed partial class Qcow2Image : ICompressedWriter
                 {
                     CheckWritable();
                     bool whole = inCluster == 0 && (n == _clusterSize || offset + n == Size); // unless resized meanwhile
-                    if (!whole || length < 0 || !TryWriteCompressedCluster(gc, output.AsSpan(0, length)))
-                        WriteCluster(gc, inCluster, piece);
+                    try
+                    {
+                        if (!whole || length < 0 || !TryWriteCompressedCluster(gc, output.AsSpan(0, length)))
+                            WriteCluster(gc, inCluster, piece);
+                    }
+                    catch (BlockException e) when (e.ErrorId == ErrorIds.ImageCorrupt)
+                    {
+                        throw MarkCorrupt(e);
+                    }
                 }
                 offset += n;
                 data = data[n..];

@@ -11,45 +11,121 @@ public sealed partial class Qcow2Image
     /// <summary>
     /// Open a qcow2 image and its backing chain. Backing images are opened read-only (raw or qcow2, as the image
     /// records or, when it does not, as <see cref="ImageProbe"/> detects); relative backing names are resolved
-    /// against the folder of the image that names them. Chains deeper than 64 images and loops are refused.
+    /// against the folder of the image that names them. The chain is walked iteratively and has no fixed depth (nor
+    /// has QEMU's); a loop is refused. An error below the top names both <paramref name="path"/> and the image at fault.
     /// </summary>
     /// <exception cref="BlockException">
     /// ImageNotFound, ImageInUse, UnsupportedFormat (not qcow2), ImageCorrupt, UnsupportedImageFeature (naming the
     /// feature: encryption, external data file, extended L2, a compression type other than deflate and zstd, unknown bits,
     /// internal snapshots when writing),
-    /// BackingFileNotFound, BackingChainLoop, BackingChainTooDeep.
+    /// BackingFileNotFound, BackingChainLoop, TooManyOpenFiles.
     /// </exception>
     /// <remarks>Every file of the chain takes QEMU's image locks (the image as a writer or a reader, its backing
-    /// files as readers), or none with <paramref name="forceShare"/>, which only a read-only open may ask for.</remarks>
+    /// files as readers), or none with <paramref name="forceShare"/>, which only a read-only open may ask for. The
+    /// descriptors of backing files count against <see cref="IO.FileHandleBudget"/>: beyond it, idle ones are
+    /// closed and reopened at their next use.</remarks>
     public static Qcow2Image Open(string path, bool readOnly, bool forceShare = false)
-        => OpenInChain(System.IO.Path.GetFullPath(path), readOnly, [], 0, forceShare);
-
-    internal static Qcow2Image OpenInChain(string fullPath, bool readOnly, HashSet<string> chain, int depth, bool forceShare = false)
     {
-        chain.Add(fullPath);
-        var file = new Qcow2File(fullPath, ImageFiles.Open(fullPath, readOnly, forceShare));
-        Qcow2Image? image = null;
+        string fullPath = System.IO.Path.GetFullPath(path);
+        Qcow2Image image = OpenOne(new Qcow2File(fullPath, ImageFiles.Open(fullPath, readOnly, forceShare)), readOnly);
         try
         {
-            image = Load(file, readOnly);
-            image.OpenBacking(chain, depth, forceShare);
+            image.OpenBackingChain(forceShare);
             return image;
         }
         catch
         {
-            if (image is not null)
-                image.DisposeAfterFailedOpen();
-            else
-                file.Dispose();
+            image.DisposeAfterFailedOpen();
             throw;
         }
     }
 
+    private static Qcow2Image OpenOne(Qcow2File file, bool readOnly)
+    {
+        try
+        {
+            return Load(file, readOnly);
+        }
+        catch
+        {
+            file.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Nothing written back: the image was never in use.</summary>
     private void DisposeAfterFailedOpen()
     {
         _disposed = true;
         _file.Dispose();
-        _backing?.Dispose();
+        DisposeBackingChain();
+    }
+
+    /// <summary>
+    /// Open every image below this one, nearest first, in a loop (no recursion: a chain may be thousands deep).
+    /// An error in an image below the first backing file is reported as an error of this chain, naming both.
+    /// </summary>
+    private void OpenBackingChain(bool forceShare)
+    {
+        var seen = new HashSet<string>(StringComparer.Ordinal) { Path };
+        Qcow2Image current = this;
+        int depth = 0;
+        try
+        {
+            while (current.BackingFile is not null)
+            {
+                (string backingPath, ImageFormat format) = current.ResolveBacking(seen);
+                IBlockImage backing = format == ImageFormat.Qcow2
+                    ? OpenOne(new Qcow2File(ParkableFileHandle.Open(backingPath, forceShare)), readOnly: true)
+                    : RawImage.Open(backingPath, readOnly: true, forceShare);
+                current._backing = backing;
+                current._backingFormat = format;
+                seen.Add(backingPath);
+                depth++;
+                if (backing is not Qcow2Image next)
+                    break;
+                current = next;
+            }
+        }
+        catch (BlockException e) when (current != this)
+        {
+            throw new BlockException(e.ErrorId, e.Category,
+                $"The backing chain of '{Path}' is broken {depth} image{(depth == 1 ? "" : "s")} below it, at '{current.Path}': {e.Message}", Path, e);
+        }
+    }
+
+    /// <summary>The full path and format of this image's backing file, refusing a loop or a missing file.</summary>
+    private (string Path, ImageFormat Format) ResolveBacking(HashSet<string> chain)
+    {
+        string name = BackingFile!;
+        if (name.StartsWith("json:", StringComparison.Ordinal))
+            Qcow2Errors.Unsupported(Path, $"a json: backing file specification ('{name}')");
+        string folder = System.IO.Path.GetDirectoryName(Path) ?? "/";
+        string backingPath;
+        try
+        {
+            backingPath = System.IO.Path.GetFullPath(System.IO.Path.IsPathRooted(name) ? name : System.IO.Path.Combine(folder, name));
+        }
+        catch (Exception e) when (e is ArgumentException or IOException or NotSupportedException)
+        {
+            throw new BlockException(ErrorIds.BackingFileNotFound, BlockErrorCategory.ObjectNotFound,
+                $"The backing file name '{name}' of image '{Path}' is not a usable path: {e.Message}", Path, e);
+        }
+        if (chain.Contains(backingPath))
+            Throw.Block(ErrorIds.BackingChainLoop, BlockErrorCategory.InvalidData,
+                $"The backing chain of '{Path}' loops: '{backingPath}' is already part of the chain.", Path);
+        if (!File.Exists(backingPath))
+            Throw.Block(ErrorIds.BackingFileNotFound, BlockErrorCategory.ObjectNotFound,
+                $"The backing file '{name}' of image '{Path}' was not found (looked for '{backingPath}').", Path);
+
+        if (_extensions.BackingFormat is { } recorded)
+        {
+            ImageFormat format = ImageProbe.ParseFormatName(recorded)
+                ?? throw new BlockException(ErrorIds.UnsupportedFormat, BlockErrorCategory.NotImplemented,
+                    $"The backing file '{name}' of image '{Path}' has format '{recorded}', which is not supported (raw and qcow2 are).", Path);
+            return (backingPath, format);
+        }
+        return (backingPath, ImageProbe.Detect(backingPath));
     }
 
     /// <summary>Read and check the header, extensions and tables. Nothing is trusted before it is checked.</summary>
@@ -270,57 +346,5 @@ public sealed partial class Qcow2Image
             Qcow2Errors.Corrupt(path, problem!);
         regions.SetFixed(Qcow2MetadataRegions.BitmapDirectoryName, (long)ext.DirectoryOffset, (long)ext.DirectorySize);
         return entries;
-    }
-
-    /// <summary>Open the backing image read-only, checking for loops and depth.</summary>
-    private void OpenBacking(HashSet<string> chain, int depth, bool forceShare)
-    {
-        if (BackingFile is null)
-            return;
-        string name = BackingFile;
-        if (name.StartsWith("json:", StringComparison.Ordinal))
-            Qcow2Errors.Unsupported(Path, $"a json: backing file specification ('{name}')");
-        string folder = System.IO.Path.GetDirectoryName(Path) ?? "/";
-        string backingPath;
-        try
-        {
-            backingPath = System.IO.Path.GetFullPath(System.IO.Path.IsPathRooted(name) ? name : System.IO.Path.Combine(folder, name));
-        }
-        catch (Exception e) when (e is ArgumentException or IOException or NotSupportedException)
-        {
-            throw new BlockException(ErrorIds.BackingFileNotFound, BlockErrorCategory.ObjectNotFound,
-                $"The backing file name '{name}' of image '{Path}' is not a usable path: {e.Message}", Path, e);
-        }
-        if (chain.Contains(backingPath))
-            Throw.Block(ErrorIds.BackingChainLoop, BlockErrorCategory.InvalidData,
-                $"The backing chain of '{Path}' loops: '{backingPath}' is already part of the chain.", Path);
-        if (depth + 1 > Qcow2Limits.MaxBackingChainDepth)
-            Throw.Block(ErrorIds.BackingChainTooDeep, BlockErrorCategory.InvalidData,
-                $"The backing chain at '{Path}' is deeper than {Qcow2Limits.MaxBackingChainDepth} images.", Path);
-        if (!File.Exists(backingPath))
-            Throw.Block(ErrorIds.BackingFileNotFound, BlockErrorCategory.ObjectNotFound,
-                $"The backing file '{name}' of image '{Path}' was not found (looked for '{backingPath}').", Path);
-
-        ImageFormat format;
-        if (_extensions.BackingFormat is { } recorded)
-        {
-            format = ImageProbe.ParseFormatName(recorded)
-                ?? throw new BlockException(ErrorIds.UnsupportedFormat, BlockErrorCategory.NotImplemented,
-                    $"The backing file '{name}' of image '{Path}' has format '{recorded}', which is not supported (raw and qcow2 are).", Path);
-        }
-        else
-        {
-            format = ImageProbe.Detect(backingPath);
-        }
-
-        IBlockImage backing = format == ImageFormat.Qcow2
-            ? OpenInChain(backingPath, readOnly: true, chain, depth + 1, forceShare)
-            : RawImage.Open(backingPath, readOnly: true, forceShare);
-        _backing = backing;
-        _backingFormat = format;
-        var entries = new List<BackingChainEntry> { new(backingPath, format, backing.Size) };
-        if (backing is Qcow2Image q)
-            entries.AddRange(q.BackingChain);
-        _chain = entries;
     }
 }

@@ -14,7 +14,14 @@ public sealed partial class Qcow2Image
         {
             CheckWritable();
             PrepareForWrite();
-            WriteCore(offset, data);
+            try
+            {
+                WriteCore(offset, data);
+            }
+            catch (BlockException e) when (e.ErrorId == ErrorIds.ImageCorrupt)
+            {
+                throw MarkCorrupt(e);
+            }
         }
     }
 
@@ -24,8 +31,46 @@ public sealed partial class Qcow2Image
         {
             CheckWritable();
             PrepareForWrite();
-            WriteZeroesCore(offset, length);
+            try
+            {
+                WriteZeroesCore(offset, length);
+            }
+            catch (BlockException e) when (e.ErrorId == ErrorIds.ImageCorrupt)
+            {
+                throw MarkCorrupt(e);
+            }
         }
+    }
+
+    /// <summary>
+    /// Corruption found by a write (QEMU's qcow2_signal_corruption): what earlier, valid writes left in memory is
+    /// written back, the header gets the corrupt bit (incompatible bit 1) so that neither QEMU nor this engine writes
+    /// the image again until 'qemu-img check -r all' repairs it, and the image turns read-only. The refused write
+    /// itself changed nothing (every write path validates before it mutates). Caller holds _sync.
+    /// </summary>
+    private BlockException MarkCorrupt(BlockException cause)
+    {
+        if (!_markedCorrupt && _allocator is not null)
+        {
+            try
+            {
+                FlushMetadata();
+                Span<byte> field = stackalloc byte[sizeof(ulong)];
+                ulong features = _header.IncompatibleFeatures | (ulong)Qcow2IncompatibleFeatures.Corrupt;
+                BinaryPrimitives.WriteUInt64BigEndian(field, features);
+                _file.Write(Qcow2Header.IncompatibleFeaturesOffset, field);
+                _file.SyncNow();
+                _header.IncompatibleFeatures = features;
+            }
+            catch (BlockException)
+            {
+                // the disk fails too: the image is read-only from here on all the same
+            }
+            _markedCorrupt = true;
+        }
+        return new BlockException(ErrorIds.ImageCorrupt, BlockErrorCategory.InvalidData,
+            $"{cause.Message} The write was refused and changed nothing; the image is now marked corrupt, as QEMU marks it, and read-only: " +
+            "read what can be read (reads of the damaged clusters fail), then repair it with 'qemu-img check -r all'.", cause.Target, cause);
     }
 
     public void Flush()
@@ -33,8 +78,8 @@ public sealed partial class Qcow2Image
         lock (_sync)
         {
             CheckOpen();
-            if (_allocator is null)
-                return;
+            if (_allocator is null || _markedCorrupt)
+                return; // nothing to write: read-only, or marked corrupt (written back when it was marked)
             FlushMetadata();
             _file.SyncNow();
         }
@@ -390,10 +435,17 @@ public sealed partial class Qcow2Image
             if (newSize == oldSize)
                 return;
             PrepareForWrite();
-            if (newSize > oldSize)
-                Grow(oldSize, newSize);
-            else
-                Shrink(newSize);
+            try
+            {
+                if (newSize > oldSize)
+                    Grow(oldSize, newSize);
+                else
+                    Shrink(newSize);
+            }
+            catch (BlockException e) when (e.ErrorId == ErrorIds.ImageCorrupt)
+            {
+                throw MarkCorrupt(e);
+            }
         }
     }
 
@@ -616,6 +668,8 @@ public sealed partial class Qcow2Image
     private void CheckWritable()
     {
         CheckOpen();
+        if (_markedCorrupt)
+            Qcow2Errors.Corrupt(Path, "it was marked corrupt when a write found damaged metadata, and is read-only since; repair it with 'qemu-img check -r all'");
         if (_allocator is null)
             Qcow2Errors.ReadOnly(Path);
     }

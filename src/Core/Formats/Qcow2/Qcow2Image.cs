@@ -46,7 +46,6 @@ public sealed partial class Qcow2Image : IBlockImage
     private readonly int _l2Bits;
     private readonly int _l2Entries;
     private IBlockImage? _backing;
-    private IReadOnlyList<BackingChainEntry> _chain = [];
     private ImageFormat? _backingFormat;
 
     // Guarded by _sync.
@@ -84,7 +83,7 @@ public sealed partial class Qcow2Image : IBlockImage
         _refcounts = refcounts;
         _allocator = allocator;
         _l2Cache = new Qcow2ClusterCache(_clusterSize);
-        _size = (long)header.Size;
+        _size = (long)(header.Size / 512 * 512); // QEMU reads the virtual size in whole sectors (bs->total_sectors)
     }
 
     #region Properties
@@ -100,7 +99,10 @@ public sealed partial class Qcow2Image : IBlockImage
 
     public int ClusterSize => _clusterSize;
 
-    public bool ReadOnly => _allocator is null;
+    /// <summary>Read-only: opened so, or marked corrupt while open (<see cref="MarkCorrupt"/>).</summary>
+    public bool ReadOnly => _allocator is null || _markedCorrupt;
+
+    private bool _markedCorrupt;
 
     /// <summary>The backing file name exactly as recorded in the image (relative names are relative to the image's folder).</summary>
     public string? BackingFile { get; }
@@ -115,7 +117,16 @@ public sealed partial class Qcow2Image : IBlockImage
     public IBlockImage? BackingImage => _backing;
 
     /// <summary>Every image below this one, nearest first.</summary>
-    public IReadOnlyList<BackingChainEntry> BackingChain => _chain;
+    public IReadOnlyList<BackingChainEntry> BackingChain
+    {
+        get
+        {
+            var entries = new List<BackingChainEntry>();
+            for (IBlockImage? below = _backing; below is not null; below = (below as Qcow2Image)?._backing)
+                entries.Add(new BackingChainEntry(below.Path, below.Format, below.Size));
+            return entries;
+        }
+    }
 
     /// <summary>qcow2 version: 2 (compat 0.10) or 3 (compat 1.1).</summary>
     public int Version => (int)_header.Version;
@@ -172,44 +183,115 @@ public sealed partial class Qcow2Image : IBlockImage
         lock (_sync)
         {
             CheckOpen();
-            while (!buffer.IsEmpty)
+            List<ChainRange>? below = null;
+            ReadOwn(offset, buffer, 0, ref below);
+            if (below is not null)
+                ReadChain(_backing, below, buffer);
+        }
+    }
+
+    /// <summary>A part of a read that an image leaves to the images below it: guest offset, place in the caller's buffer, length.</summary>
+    private readonly record struct ChainRange(long Offset, int BufferIndex, int Length);
+
+    /// <summary>
+    /// Read what this image stores in [offset, offset + buffer.Length) into <paramref name="buffer"/> (which sits at
+    /// <paramref name="bufferIndex"/> in the caller's buffer), and add what it leaves to its backing image to
+    /// <paramref name="below"/>. The caller holds <see cref="_sync"/>.
+    /// </summary>
+    private void ReadOwn(long offset, Span<byte> buffer, int bufferIndex, ref List<ChainRange>? below)
+    {
+        int done = 0;
+        while (done < buffer.Length)
+        {
+            long gc = offset >> _clusterBits;
+            int inCluster = (int)(offset & (_clusterSize - 1));
+            Qcow2L2Entry entry = GetEntry(gc);
+            Qcow2ClusterKind kind = Classify(entry, gc);
+            int left = buffer.Length - done;
+            int n = Math.Min(_clusterSize - inCluster, left);
+            if (kind != Qcow2ClusterKind.Compressed)
             {
-                long gc = offset >> _clusterBits;
-                int inCluster = (int)(offset & (_clusterSize - 1));
-                Qcow2L2Entry entry = GetEntry(gc);
-                Qcow2ClusterKind kind = Classify(entry, gc);
-                int n = Math.Min(_clusterSize - inCluster, buffer.Length);
-                if (kind != Qcow2ClusterKind.Compressed)
+                // Extend over following clusters of the same kind (data: contiguous in the file too).
+                for (long next = gc + 1; n < left; next++)
                 {
-                    // Extend over following clusters of the same kind (data: contiguous in the file too).
-                    for (long next = gc + 1; n < buffer.Length; next++)
-                    {
-                        Qcow2L2Entry e = GetEntry(next);
-                        if (Classify(e, next) != kind
-                            || (kind == Qcow2ClusterKind.Normal && e.HostOffset != entry.HostOffset + ((next - gc) << _clusterBits)))
-                            break;
-                        n += Math.Min(_clusterSize, buffer.Length - n);
-                    }
+                    Qcow2L2Entry e = GetEntry(next);
+                    if (Classify(e, next) != kind
+                        || (kind == Qcow2ClusterKind.Normal && e.HostOffset != entry.HostOffset + ((next - gc) << _clusterBits)))
+                        break;
+                    n += Math.Min(_clusterSize, left - n);
                 }
-                Span<byte> part = buffer[..n];
-                switch (kind)
-                {
-                    case Qcow2ClusterKind.Normal:
-                        _file.Read(entry.HostOffset + inCluster, part);
-                        break;
-                    case Qcow2ClusterKind.Zero:
-                        part.Clear();
-                        break;
-                    case Qcow2ClusterKind.Compressed:
-                        Decompressed(entry).AsSpan(inCluster, n).CopyTo(part);
-                        break;
-                    default:
-                        ReadBacking(offset, part);
-                        break;
-                }
-                offset += n;
-                buffer = buffer[n..];
             }
+            Span<byte> part = buffer.Slice(done, n);
+            switch (kind)
+            {
+                case Qcow2ClusterKind.Normal:
+                    _file.Read(entry.HostOffset + inCluster, part);
+                    break;
+                case Qcow2ClusterKind.Zero:
+                    part.Clear();
+                    break;
+                case Qcow2ClusterKind.Compressed:
+                    Decompressed(entry).AsSpan(inCluster, n).CopyTo(part);
+                    break;
+                default:
+                    below ??= [];
+                    if (below.Count > 0 && below[^1] is var last && last.Offset + last.Length == offset && last.BufferIndex + last.Length == bufferIndex + done)
+                        below[^1] = last with { Length = last.Length + n };
+                    else
+                        below.Add(new ChainRange(offset, bufferIndex + done, n));
+                    break;
+            }
+            offset += n;
+            done += n;
+        }
+    }
+
+    /// <summary>
+    /// Fill <paramref name="ranges"/> of <paramref name="buffer"/> from the chain that starts at <paramref name="layer"/>,
+    /// one image at a time, down to the base: each image reads what it stores and passes the rest further down; past
+    /// an image's end, and below the base, the disk reads as zeros. A loop, not a recursion: chains have no fixed depth.
+    /// </summary>
+    private static void ReadChain(IBlockImage? layer, List<ChainRange> ranges, Span<byte> buffer)
+    {
+        while (ranges.Count > 0)
+        {
+            if (layer is null)
+            {
+                foreach (ChainRange r in ranges)
+                    buffer.Slice(r.BufferIndex, r.Length).Clear();
+                return;
+            }
+            long size = layer.Size;
+            List<ChainRange>? next = null;
+            var q = layer as Qcow2Image;
+            if (q is not null)
+                Monitor.Enter(q._sync);
+            try
+            {
+                q?.CheckOpen();
+                foreach (ChainRange r in ranges)
+                {
+                    int inside = (int)Math.Clamp(size - r.Offset, 0, r.Length);
+                    Span<byte> part = buffer.Slice(r.BufferIndex, inside);
+                    if (inside > 0)
+                    {
+                        if (q is not null)
+                            q.ReadOwn(r.Offset, part, r.BufferIndex, ref next);
+                        else
+                            layer.Read(r.Offset, part);
+                    }
+                    buffer.Slice(r.BufferIndex + inside, r.Length - inside).Clear();
+                }
+            }
+            finally
+            {
+                if (q is not null)
+                    Monitor.Exit(q._sync);
+            }
+            if (next is null)
+                return;
+            ranges = next;
+            layer = q?._backing;
         }
     }
 
@@ -255,17 +337,7 @@ public sealed partial class Qcow2Image : IBlockImage
 
     /// <summary>Read what the backing chain holds at <paramref name="offset"/>: zeros past its end or without one.</summary>
     private void ReadBacking(long offset, Span<byte> buffer)
-    {
-        long available = _backing is null ? 0 : _backing.Size - offset;
-        if (available <= 0)
-        {
-            buffer.Clear();
-            return;
-        }
-        int n = (int)Math.Min(available, buffer.Length);
-        _backing!.Read(offset, buffer[..n]);
-        buffer[n..].Clear();
-    }
+        => ReadChain(_backing, [new ChainRange(offset, 0, buffer.Length)], buffer);
 
     /// <summary>The inflated contents of a compressed cluster (the last one is kept: sequential reads hit it).</summary>
     private byte[] Decompressed(Qcow2L2Entry entry)
@@ -306,18 +378,24 @@ public sealed partial class Qcow2Image : IBlockImage
             _decompressedEntry = 0; // the cached compressed cluster may just have been freed
     }
 
-    /// <summary>The kind of an entry, after checking it can be used: no zero flag in v2, data offsets aligned and inside the file.</summary>
+    /// <summary>
+    /// The kind of an entry, after checking it can be used, as QEMU 7.2 does before any read or write (where it fails
+    /// the I/O with "Image is corrupt", ImageCorrupt here; such an entry never reads as zeros): no zero flag in v2, host
+    /// offsets of data and of preallocated zero clusters cluster aligned, data inside the file. Like QEMU, reserved
+    /// bits are ignored and data that overlaps metadata is read as it is (writes refuse it: CheckReplaceable, IsExclusive).
+    /// </summary>
     private Qcow2ClusterKind Classify(Qcow2L2Entry entry, long guestCluster)
     {
         Qcow2ClusterKind kind = entry.Kind;
         if (kind == Qcow2ClusterKind.Zero && _header.Version < 3)
             Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} is a zero cluster, which version 2 images cannot have");
-        if (kind == Qcow2ClusterKind.Normal)
+        if (kind is Qcow2ClusterKind.Normal or Qcow2ClusterKind.Zero && entry.HostOffset != 0)
         {
             long host = entry.HostOffset;
+            string what = kind == Qcow2ClusterKind.Zero ? "a zero cluster keeps host offset" : "maps to host offset";
             if ((host & (_clusterSize - 1)) != 0)
-                Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} maps to host offset {host}, which is not cluster aligned");
-            if (host >= EndOffset)
+                Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} {what} {host}, which is not cluster aligned");
+            if (kind == Qcow2ClusterKind.Normal && host >= EndOffset)
                 Qcow2Errors.Corrupt(Path, $"guest cluster {guestCluster} maps to host offset {host}, past the end of the file ({_file.Length} bytes)");
         }
         return kind;
@@ -381,7 +459,7 @@ public sealed partial class Qcow2Image : IBlockImage
             _disposed = true;
             try
             {
-                if (_allocator is not null)
+                if (_allocator is not null && !_markedCorrupt)
                 {
                     FlushMetadata();
                     _file.SyncNow();
@@ -395,8 +473,20 @@ public sealed partial class Qcow2Image : IBlockImage
             finally
             {
                 _file.Dispose();
-                _backing?.Dispose();
             }
+        }
+        DisposeBackingChain();
+    }
+
+    /// <summary>Close every image below this one, nearest first, in a loop (a chain may be thousands deep).</summary>
+    private void DisposeBackingChain()
+    {
+        IBlockImage? below = Interlocked.Exchange(ref _backing, null);
+        while (below is not null)
+        {
+            IBlockImage? next = below is Qcow2Image q ? Interlocked.Exchange(ref q._backing, null) : null;
+            below.Dispose();
+            below = next;
         }
     }
 }

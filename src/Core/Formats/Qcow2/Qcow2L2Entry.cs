@@ -30,6 +30,9 @@ internal readonly record struct Qcow2L2Entry(ulong Raw)
     public const ulong CompressedFlag = 1UL << 62;
     public const ulong ZeroFlag = 1UL;
     public const ulong OffsetMask = 0x00FF_FFFF_FFFF_FE00UL;
+
+    /// <summary>Bits a standard (not compressed) L2 entry must leave clear: 1-8 and 56-61 (QEMU's L2E_STD_RESERVED_MASK).</summary>
+    public const ulong StandardReservedMask = 0x3F00_0000_0000_01FEUL;
     public const int CompressedSectorSize = 512;
 
     public static Qcow2L2Entry Unallocated => default;

@@ -45,9 +45,6 @@ internal static class Qcow2Limits
     /// <summary>QEMU's BME_MAX_PHYS_SIZE: bytes of data clusters one bitmap table may describe (512 MiB).</summary>
     public const long MaxBitmapDataBytes = 0x20000000;
 
-    /// <summary>Backing images below the top image before we give up (QEMU has no fixed limit; loops are caught separately).</summary>
-    public const int MaxBackingChainDepth = 64;
-
     /// <summary>Memory for each metadata cache (L2 tables, refcount blocks), in bytes; at least <see cref="MinCachedTables"/> tables.</summary>
     public const long CacheBudgetBytes = 4L << 20;
 
