@@ -139,102 +139,99 @@ public sealed class IntentCrashPointTests
         Assert.True(events.Count(e => e.Log && e.Data is not null) > 15, $"only {events.Count(e => e.Log && e.Data is not null)} log writes recorded");
         IntentLogLayout layout = IntentLogFormat.DecodeHeader(log0, log0.Length, out _)!;
 
-        // Every crash state.
+        // Every crash state, and every torn write of the log: a torn intent block is refused (inconsistent), a torn
+        // checkpoint falls back to the other slot (still a superset). The files are advanced one event at a time.
         var failures = new List<string>();
-        int states = 0;
-        for (int k = 0; k <= events.Count; k++)
+        int states = 0, tornBlocks = 0, tornSlots = 0;
+        var image = new CrashFile(image0);
+        var log = new CrashFile(log0);
+        for (int k = 0; k <= events.Count && failures.Count <= 10; k++)
         {
+            if (k > 0)
+                (events[k - 1].Log ? log : image).Apply(events[k - 1]);
+            Dictionary<string, List<(long, long)>> required = Required(ops, events, k);
             foreach ((bool keepImage, bool keepLog) in new[] { (true, true), (false, false), (true, false), (false, true) })
             {
-                (byte[] image, byte[] log, bool anyPending) = Rebuild(image0, log0, events, k, keepImage, keepLog);
-                if (!anyPending && !(keepImage && keepLog))
+                if (!(image.Pending || log.Pending) && !(keepImage && keepLog))
                     continue; // the same state as "kept"
                 states++;
-                string? problem = Check(path, logPath, image, log, Required(ops, events, k), offBits, zBits, ops, k, expectConsistent: true);
+                string? problem = Check(path, logPath, keepImage ? image.Current : image.Durable, keepLog ? log.Current : log.Durable,
+                    required, offBits, zBits, ops, k, expectConsistent: true);
                 if (problem is not null)
                     failures.Add($"crash after event {k}/{events.Count} (image pending {(keepImage ? "kept" : "dropped")}, log pending {(keepLog ? "kept" : "dropped")}): {problem}");
             }
-            if (failures.Count > 10)
-                break;
-        }
-
-        // Torn writes of the log: a torn intent block is refused (inconsistent); a torn checkpoint falls back.
-        int tornBlocks = 0, tornSlots = 0;
-        for (int k = 0; k < events.Count && failures.Count <= 10; k++)
-        {
-            Event e = events[k];
-            if (!e.Log || e.Data is null)
+            if (k == events.Count || events[k] is not { Log: true, Data: not null } e)
                 continue;
             bool isSlot = e.Offset >= layout.SlotOffset(0);
-            (byte[] image, byte[] log, _) = Rebuild(image0, log0, events, k, keepImage: true, keepLog: true);
+            byte[] torn = (byte[])log.Current.Clone();
             // Only the first part of the write reached the disk: for a block, its first 2 KiB; for a slot, its first half.
             int part = isSlot ? e.Data.Length / 2 : 2048;
             for (int at = 0; at < e.Data.Length; at += IntentLogLayout.BlockSize)
             {
                 int n = Math.Min(part, e.Data.Length - at);
                 ReadOnlySpan<byte> whole = e.Data.AsSpan(at, Math.Min(IntentLogLayout.BlockSize, e.Data.Length - at));
-                ReadOnlySpan<byte> old = log.AsSpan((int)e.Offset + at, whole.Length);
+                ReadOnlySpan<byte> old = torn.AsSpan((int)e.Offset + at, whole.Length);
                 if (whole.SequenceEqual(old))
                     continue; // this block is not changed by the write
                 if (whole[n..].SequenceEqual(old[n..]) || whole[..n].SequenceEqual(old[..n]))
                     continue; // torn there, it would read as the old or the new block: not a tear
-                e.Data.AsSpan(at, n).CopyTo(log.AsSpan((int)e.Offset + at));
-                if (isSlot)
-                    break; // a slot is one record: one tear
-                at = e.Data.Length; // one torn block per state
+                e.Data.AsSpan(at, n).CopyTo(torn.AsSpan((int)e.Offset + at));
+                break; // one torn block (or slot) per state
             }
-            if (log.AsSpan().SequenceEqual(Rebuild(image0, log0, events, k, true, true).Log))
+            if (torn.AsSpan().SequenceEqual(log.Current))
                 continue;
-            string? problem;
+            string? tornProblem;
             if (isSlot)
             {
                 tornSlots++;
-                problem = Check(path, logPath, image, log, Required(ops, events, k), offBits, zBits, ops, k, expectConsistent: true);
+                tornProblem = Check(path, logPath, image.Current, torn, required, offBits, zBits, ops, k, expectConsistent: true);
             }
             else
             {
                 tornBlocks++;
-                problem = CheckInconsistent(path, logPath, image, log);
+                tornProblem = CheckInconsistent(path, logPath, image.Current, torn);
             }
-            if (problem is not null)
-                failures.Add($"torn {(isSlot ? "checkpoint" : "intent block")} write at event {k}: {problem}");
+            if (tornProblem is not null)
+                failures.Add($"torn {(isSlot ? "checkpoint" : "intent block")} write at event {k}: {tornProblem}");
         }
         Assert.True(failures.Count == 0, $"{failures.Count} of {states} crash states are bad:\n" + string.Join("\n", failures));
         Assert.True(tornBlocks > 5 && tornSlots > 3, $"torn blocks {tornBlocks}, torn slots {tornSlots}");
     }
 
-    /// <summary>The files after a crash following event k: synced writes kept, later ones kept or dropped per file.</summary>
-    private static (byte[] Image, byte[] Log, bool AnyPending) Rebuild(byte[] image0, byte[] log0, List<Event> events, int k, bool keepImage, bool keepLog)
+    /// <summary>
+    /// One file as a crash could leave it, advanced event by event: Current has every write so far, Durable only those
+    /// made before the file's last fdatasync; Pending says whether they differ.
+    /// </summary>
+    private sealed class CrashFile(byte[] initial)
     {
-        int lastImageSync = -1, lastLogSync = -1;
-        for (int i = 0; i < k; i++)
+        private readonly List<Event> _pending = [];
+
+        public byte[] Current { get; private set; } = (byte[])initial.Clone();
+
+        public byte[] Durable { get; private set; } = (byte[])initial.Clone();
+
+        public bool Pending => _pending.Count > 0;
+
+        public void Apply(Event e)
         {
-            if (events[i].Data is null)
-            {
-                if (events[i].Log)
-                    lastLogSync = i;
-                else
-                    lastImageSync = i;
-            }
-        }
-        byte[] img = (byte[])image0.Clone();
-        byte[] log = (byte[])log0.Clone();
-        bool pending = false;
-        for (int i = 0; i < k; i++)
-        {
-            Event e = events[i];
             if (e.Data is null)
-                continue;
-            bool synced = i < (e.Log ? lastLogSync : lastImageSync);
-            pending |= !synced;
-            if (!synced && !(e.Log ? keepLog : keepImage))
-                continue;
-            ref byte[] file = ref (e.Log ? ref log : ref img);
-            if (e.Offset + e.Data.Length > file.Length)
+            {
+                foreach (Event p in _pending)
+                    Durable = Put(Durable, p);
+                _pending.Clear();
+                return;
+            }
+            Current = Put(Current, e);
+            _pending.Add(e);
+        }
+
+        private static byte[] Put(byte[] file, Event e)
+        {
+            if (e.Offset + e.Data!.Length > file.Length)
                 Array.Resize(ref file, (int)(e.Offset + e.Data.Length));
             e.Data.CopyTo(file, e.Offset);
+            return file;
         }
-        return (img, log, pending);
     }
 
     /// <summary>What each bitmap must hold after a crash following event k (byte ranges), given the session's steps.</summary>
@@ -285,11 +282,32 @@ public sealed class IntentCrashPointTests
         return required;
     }
 
+    private static readonly Dictionary<string, byte[]> OnDisk = [];
+
+    /// <summary>Make the file hold <paramref name="bytes"/>, rewriting only the 4 KiB pieces that differ from the last state.</summary>
     private static void WriteInPlace(string path, byte[] bytes)
     {
         using var fs = new FileStream(path, FileMode.Open, FileAccess.Write); // same inode: the log's identity check holds
-        fs.SetLength(bytes.Length);
-        fs.Write(bytes);
+        lock (OnDisk)
+        {
+            if (!OnDisk.TryGetValue(path, out byte[]? was) || was.Length != bytes.Length)
+            {
+                fs.SetLength(bytes.Length);
+                fs.Write(bytes);
+            }
+            else
+            {
+                for (int at = 0; at < bytes.Length; at += 4096)
+                {
+                    int n = Math.Min(4096, bytes.Length - at);
+                    if (bytes.AsSpan(at, n).SequenceEqual(was.AsSpan(at, n)))
+                        continue;
+                    fs.Position = at;
+                    fs.Write(bytes, at, n);
+                }
+            }
+            OnDisk[path] = (byte[])bytes.Clone();
+        }
     }
 
     private static string? Check(string path, string logPath, byte[] image, byte[] log, Dictionary<string, List<(long, long)>> required,
@@ -316,14 +334,14 @@ public sealed class IntentCrashPointTests
             }
             foreach ((string name, List<(long, long)> ranges) in required)
             {
-                IReadOnlyList<(long Offset, long Length)> dirty = node.GetBitmap(name).GetDirtyRanges();
+                DirtyBitmap bitmap = node.GetBitmap(name);
+                HierarchicalBitmap bits = bitmap.Snapshot();
                 foreach ((long offset, long length) in ranges)
                 {
-                    for (long pos = offset; pos < offset + length; pos += 512)
-                    {
-                        if (!dirty.Any(r => r.Offset <= pos && pos < r.Offset + r.Length))
-                            return $"bitmap '{name}' misses byte {pos} of the write at {offset}+{length}";
-                    }
+                    long end = (offset + length - 1) / bitmap.Granularity + 1;
+                    long clear = bits.NextClear(offset / bitmap.Granularity, end);
+                    if (clear >= 0 && clear < end)
+                        return $"bitmap '{name}' misses byte {clear * bitmap.Granularity} of the write at {offset}+{length}";
                 }
             }
             if (!node.GetBitmap("off").Snapshot().Runs().SequenceEqual(offBits.Runs()))
