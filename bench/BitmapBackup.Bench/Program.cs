@@ -10,6 +10,7 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["cache"] = CacheBench.Run,
     ["huge"] = BackupBench.RunHuge,
     ["compress"] = CompressBench.Run,
+    ["intent"] = IntentBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;

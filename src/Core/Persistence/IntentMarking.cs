@@ -24,7 +24,7 @@ namespace BitmapBackup.Core.Persistence;
 internal static class IntentMarking
 {
     /// <summary>The farthest a sequential stream is marked ahead.</summary>
-    public const long MaxAheadBytes = 64L << 20;
+    public const long MaxAheadBytes = 256L << 20;
 
     /// <summary>The largest group the density rule marks at once.</summary>
     public const long MaxGroupBytes = 64L << 20;
