@@ -41,7 +41,8 @@ BeforeAll {
 
     # The child's writer: opens the node, then writes pattern (i % 250) + 1 at random 512-aligned offsets inside
     # [$From, $From + $Span), each of 512 B to 64 KiB, appending "i offset length pattern" to the journal *before*
-    # issuing it. It touches $Ready after the first write and writes until it is killed.
+    # issuing it. It touches $Ready after the first write and writes until it is killed. Every 25 writes it disables and
+# enables bitmap tog: each state change writes a checkpoint and shrinks the intent while the writes go on.
     $script:WriterScript = @'
 param($Path, $Journal, $Ready, $From, $Span, $Seed)
 $null = Open-BlockNode -Path $Path -Name cs
@@ -53,6 +54,7 @@ for ($i = 0; $i -lt 100000; $i++) {
     [IO.File]::AppendAllText($Journal, "$i $offset $length $pattern`n")
     Write-BlockNode -Node cs -Offset $offset -Pattern $pattern -Length $length
     if ($i -eq 0) { Set-Content -Path $Ready -Value ready }
+    if ($i % 25 -eq 24) { Disable-DirtyBitmap -Node cs -Name tog; Enable-DirtyBitmap -Node cs -Name tog } # state changes: checkpoints while writing
 }
 Start-Sleep -Seconds 120
 '@
@@ -79,6 +81,7 @@ Describe 'Crash-safe bitmaps after kill -9 (<Format>)' -Skip:$NoQemu -ForEach @(
         $null = New-DirtyBitmap -Node cs -Name a -Persistent -CrashSafe
         $null = New-DirtyBitmap -Node cs -Name f -Granularity 4KB -Persistent -CrashSafe
         $null = New-DirtyBitmap -Node cs -Name off -Granularity 4KB -Persistent -CrashSafe
+        $null = New-DirtyBitmap -Node cs -Name tog -Persistent -CrashSafe
         Write-BlockNode -Node cs -Offset 3MB -Pattern 7 -Length 100KB
         Disable-DirtyBitmap -Node cs -Name off
         $offRanges = @(Get-RangeText cs off)
@@ -131,6 +134,7 @@ Describe 'Crash-safe bitmaps after kill -9 (<Format>)' -Skip:$NoQemu -ForEach @(
                 }
             }
             ($openWarnings -join "`n") | Should -BeLike "*recovered from its write-intent log*"
+            (Get-DirtyBitmap -Node cs -Name tog).Inconsistent | Should -BeFalse
             $off = Get-DirtyBitmap -Node cs -Name off
             $off.Inconsistent | Should -BeFalse
             $off.Recording | Should -BeFalse
