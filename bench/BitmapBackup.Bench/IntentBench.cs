@@ -12,7 +12,9 @@ namespace BitmapBackup.Bench;
 /// bitmap, and with a crash-safe one at several log region sizes, same run, rounds in random order. Each run opens a
 /// new sparse 1 GiB raw image, writes, and closes it (the final fdatasync). Two times per run: the writes alone (on
 /// the page cache; a crash-safe bitmap's log misses pay their fdatasync here) and the whole run up to the close. The
-/// log's misses and syncs are printed: they are the price, one fdatasync of the log per miss.
+/// log's misses and syncs are printed: they are the price, one fdatasync of the log per miss. Then what the first
+/// backup after a simulated kill -9 reads (<see cref="CrashRead"/>). BB_BENCH_INTENT_RANDOM_ONLY=1 skips the sequential
+/// metric, BB_BENCH_INTENT_CRASH_ONLY=1 runs only the crash read, BB_BENCH_INTENT_WRITES sets the random writes.
 /// </summary>
 public static class IntentBench
 {
