@@ -17,6 +17,7 @@ var suites = new Dictionary<string, Action<TextWriter>>(StringComparer.OrdinalIg
     ["nbd"] = NbdBench.Run,
     ["picture"] = PictureBench.Run,
     ["devices"] = DeviceBench.Run,
+    ["intent"] = IntentBench.Run,
 };
 
 string[] selected = args.Length == 0 ? [.. suites.Keys] : args;

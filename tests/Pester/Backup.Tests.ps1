@@ -77,7 +77,7 @@ BeforeAll {
 
     $script:BatchA = @(@(0, 512), @(16MB, 256KB), @(32736KB, 64KB))
     $script:BatchB = @(@(0, 512), @(8MB, 352KB), @(15872KB, 1MB))
-    $script:ResultProperties = @('Node', 'Target', 'Sync', 'Bitmap', 'BitmapMode', 'BytesCopied', 'BytesTotal', 'PointInTime',
+    $script:ResultProperties = @('Node', 'Target', 'Sync', 'Bitmap', 'BitmapMode', 'BytesCopied', 'BytesTotal', 'BytesRead', 'PointInTime',
         'Duration', 'BytesPerSecond', 'Succeeded', 'Error', 'ErrorId', 'Manifest')
 }
 

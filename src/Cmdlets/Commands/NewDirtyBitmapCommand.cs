@@ -1,5 +1,6 @@
 using System.Management.Automation;
 using BitmapBackup.Core.Bitmaps;
+using BitmapBackup.Core.Errors;
 using BitmapBackup.Core.Nodes;
 using BitmapBackup.Core.Transactions.Actions;
 
@@ -45,11 +46,23 @@ public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
     [ValidateNotNullOrEmpty]
     public string? BitmapStore { get; set; }
 
+    /// <summary>With -Persistent: keep a write-intent log beside the image, so that after a crash the bitmap loads as a superset of the writes it recorded instead of inconsistent.</summary>
+    [Parameter]
+    public SwitchParameter CrashSafe { get; set; }
+
     #endregion
 
     internal override bool IsTransactional => true;
 
     #region Overrides
+
+    protected override void BeginProcessing()
+    {
+        base.BeginProcessing();
+        if (CrashSafe && !Persistent)
+            ThrowTerminatingError(ErrorRecordFactory.Create(ErrorIds.CrashSafeRequiresPersistent, ErrorCategory.InvalidArgument,
+                "-CrashSafe needs -Persistent: a crash-safe bitmap is a persistent bitmap whose writes are also logged beside the image, so that a crash does not leave it inconsistent.", CrashSafe));
+    }
 
     protected override void ProcessRecord()
     {
@@ -62,12 +75,12 @@ public sealed class NewDirtyBitmapCommand : BitmapBackupCmdlet
             return;
         if (TransactionScope.Current is { } scope)
         {
-            var action = new AddBitmapAction(node, Name, granularity, Persistent, Disabled);
+            var action = new AddBitmapAction(node, Name, granularity, Persistent, Disabled, CrashSafe);
             scope.Enqueue(this, action, _ => new DirtyBitmapInfo(action.Bitmap!));
             return;
         }
         DirtyBitmap? bitmap = null;
-        if (TryRun(() => bitmap = node.AddBitmap(Name, granularity, Persistent, Disabled)))
+        if (TryRun(() => bitmap = node.AddBitmap(Name, granularity, Persistent, Disabled, CrashSafe)))
             WriteObject(new DirtyBitmapInfo(bitmap!));
     }
 

@@ -14,6 +14,7 @@ public sealed class BackupResult
         BitmapMode = job.BitmapMode;
         BytesCopied = job.BytesDone;
         BytesTotal = job.BytesTotal;
+        BytesRead = job.BytesRead;
         PointInTime = job.PointInTime;
         Duration = (job.EndTime ?? DateTimeOffset.Now) - job.PointInTime;
         BytesPerSecond = Duration.TotalSeconds > 0 ? (long)(BytesCopied / Duration.TotalSeconds) : BytesCopied;
@@ -40,6 +41,9 @@ public sealed class BackupResult
 
     /// <summary>Bytes the backup had to copy at its start.</summary>
     public long BytesTotal { get; }
+
+    /// <summary>Bytes read from the source's files (holes and unallocated clusters are not read): the backup's cost to the source disk.</summary>
+    public long BytesRead { get; }
 
     /// <summary>The instant the backup represents: when the job started.</summary>
     public DateTimeOffset PointInTime { get; }

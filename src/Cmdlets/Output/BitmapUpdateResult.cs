@@ -12,6 +12,7 @@ public sealed class BitmapUpdateResult
         Manifest = r.Manifest;
         WhatIf = r.WhatIf;
         WasInconsistent = r.WasInconsistent;
+        Narrowed = r.Narrowed;
         ClusterSize = r.ClusterSize;
         ClustersRead = r.Scan.Clusters;
         ClustersDiffering = r.Scan.ClustersDiffering;
@@ -35,10 +36,16 @@ public sealed class BitmapUpdateResult
     /// <summary>Whether the bitmap was inconsistent before (it is consistent now, unless -WhatIf).</summary>
     public bool WasInconsistent { get; }
 
+    /// <summary>
+    /// True when the bitmap had been recovered from its write-intent log: only the clusters it marked were read, and the
+    /// ones still equal to the last backup were cleared.
+    /// </summary>
+    public bool Narrowed { get; }
+
     /// <summary>Bytes per digest (the backup's job cluster).</summary>
     public long ClusterSize { get; }
 
-    /// <summary>Clusters compared (holes and zero clusters are compared without being read).</summary>
+    /// <summary>Clusters compared (holes and zero clusters are compared without being read): the whole disk, or the clusters a recovered bitmap marks.</summary>
     public long ClustersRead { get; }
 
     /// <summary>Clusters whose content differs from the last backup: marked dirty.</summary>

@@ -18,6 +18,8 @@ public sealed class DirtyBitmapInfo
             Persistent = bitmap.Persistent;
             Inconsistent = bitmap.Inconsistent;
             ReadOnly = bitmap.ReadOnly;
+            CrashSafe = bitmap.CrashSafe;
+            Recovered = bitmap.Recovered;
         }
     }
 
@@ -46,6 +48,12 @@ public sealed class DirtyBitmapInfo
 
     /// <summary>Loaded from a read-only node: only enable and disable are allowed.</summary>
     public bool ReadOnly { get; }
+
+    /// <summary>Persistent and protected by a write-intent log beside the image: a crash leaves it a superset of the writes it recorded, not inconsistent.</summary>
+    public bool CrashSafe { get; }
+
+    /// <summary>Rebuilt from its write-intent log after a crash (it may mark regions that were not written), until a backup re-anchors it or it is cleared.</summary>
+    public bool Recovered { get; }
 
     public override string ToString() => $"{Node}/{Name}";
 }

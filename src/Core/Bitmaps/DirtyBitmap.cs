@@ -60,6 +60,18 @@ public sealed class DirtyBitmap
 
     public bool Persistent { get; internal set; }
 
+    /// <summary>
+    /// Persistent and kept crash-safe by the node's write-intent log: after a crash it loads as a superset of the
+    /// writes it recorded instead of inconsistent (BlockNode.CrashSafe.cs).
+    /// </summary>
+    public bool CrashSafe { get; internal set; }
+
+    /// <summary>
+    /// Rebuilt from the write-intent log after a crash (its bits may include regions that were not written), until a
+    /// backup re-anchors it or it is cleared.
+    /// </summary>
+    public bool Recovered { get; internal set; }
+
     public bool Inconsistent { get; internal set; }
 
     public bool ReadOnly { get; internal set; }
@@ -165,7 +177,10 @@ public sealed class DirtyBitmap
         }
     }
 
-    public void Enable()
+    // Every change below that a crash must not undo goes through Node.ChangeBitmap: for a crash-safe bitmap it is made
+    // and checkpointed in the write-intent log under the node's write gate before the call returns.
+
+    public void Enable() => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
@@ -173,9 +188,9 @@ public sealed class DirtyBitmap
             _disabled = false;
             Node.RecordingChanged();
         }
-    }
+    });
 
-    public void Disable()
+    public void Disable() => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
@@ -183,19 +198,20 @@ public sealed class DirtyBitmap
             _disabled = true;
             Node.RecordingChanged();
         }
-    }
+    });
 
     /// <summary>Clear every bit. Returns the previous bits so a transaction can put them back.</summary>
-    public HierarchicalBitmap Clear()
+    public HierarchicalBitmap Clear() => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
             Check(BitmapUse.Default);
             HierarchicalBitmap old = _bits;
             _bits = new HierarchicalBitmap(old.Length);
+            Recovered = false;
             return old;
         }
-    }
+    });
 
     /// <summary>Take bits loaded from the image; a bitmap of another length (the image was resized) is fitted.</summary>
     internal void LoadBits(HierarchicalBitmap bits)
@@ -209,7 +225,7 @@ public sealed class DirtyBitmap
     }
 
     /// <summary>Put back bits returned by <see cref="Clear"/> or <see cref="MergeFrom"/> (transaction rollback).</summary>
-    public void Restore(HierarchicalBitmap bits)
+    public void Restore(HierarchicalBitmap bits) => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
@@ -217,14 +233,16 @@ public sealed class DirtyBitmap
                 throw new InvalidOperationException("The node was resized since the bits were taken.");
             _bits = bits;
         }
-    }
+    });
 
     /// <summary>
     /// Make this bitmap the union of itself and every source (QEMU's block-dirty-bitmap-merge). Sources may
     /// belong to other nodes of the same size and may have other granularities. Everything is checked before
     /// anything changes. Returns the previous bits for rollback.
     /// </summary>
-    public HierarchicalBitmap MergeFrom(IReadOnlyList<DirtyBitmap> sources)
+    public HierarchicalBitmap MergeFrom(IReadOnlyList<DirtyBitmap> sources) => Node.ChangeBitmap(this, () => MergeFromCore(sources));
+
+    private HierarchicalBitmap MergeFromCore(IReadOnlyList<DirtyBitmap> sources)
     {
         if (sources.Count == 0)
             Throw.Block(ErrorIds.MergeSourceMissing, BlockErrorCategory.InvalidArgument,
@@ -258,7 +276,7 @@ public sealed class DirtyBitmap
     }
 
     /// <summary>Add bits of another granularity without state checks (a backup giving back what it did not copy).</summary>
-    internal void MergeInternal(HierarchicalBitmap bits, long granularity)
+    internal void MergeInternal(HierarchicalBitmap bits, long granularity) => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
@@ -267,7 +285,7 @@ public sealed class DirtyBitmap
             else
                 _bits.Merge(bits, granularity, Granularity);
         }
-    }
+    });
 
     /// <summary>Record a write of [offset, offset+length). Caller holds the node's Sync lock.</summary>
     internal void MarkLocked(long offset, long length)
@@ -282,8 +300,11 @@ public sealed class DirtyBitmap
     {
         if (length <= 0)
             return;
-        lock (Node.Sync)
-            MarkLocked(offset, length);
+        Node.ChangeBitmap(this, () =>
+        {
+            lock (Node.Sync)
+                MarkLocked(offset, length);
+        });
     }
 
     /// <summary>Reset the clusters wholly inside [offset, offset+length).</summary>
@@ -388,19 +409,20 @@ public sealed class DirtyBitmap
     }
 
     /// <summary>The backup succeeded: keep only the writes made since the successor was created.</summary>
-    public void Abdicate()
+    public void Abdicate() => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
             DirtyBitmap successor = RequireSuccessor();
             _bits = successor._bits;
             Inconsistent = false; // re-anchored by a full backup: exactly the writes since its point in time
+            Recovered = false;
             EndSuccession(successor);
         }
-    }
+    });
 
     /// <summary>The backup failed or was cancelled: merge the successor's writes back; no bit is lost.</summary>
-    public void Reclaim()
+    public void Reclaim() => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
@@ -408,7 +430,7 @@ public sealed class DirtyBitmap
             _bits.Merge(successor._bits);
             EndSuccession(successor);
         }
-    }
+    });
 
     /// <summary>
     /// End a content scan (Update-DirtyBitmap) that ran with a successor: the bits become the old ones (or, for an
@@ -416,7 +438,7 @@ public sealed class DirtyBitmap
     /// clusters the scan found changed (<paramref name="changed"/>, one bit per <paramref name="changedGranularity"/>
     /// bytes). An inconsistent bitmap is consistent again: nothing written since its last backup is missing.
     /// </summary>
-    public void CompleteScan(HierarchicalBitmap changed, long changedGranularity)
+    public void CompleteScan(HierarchicalBitmap changed, long changedGranularity) => Node.ChangeBitmap(this, () =>
     {
         lock (Node.Sync)
         {
@@ -436,6 +458,53 @@ public sealed class DirtyBitmap
                 _bits.Merge(changed, changedGranularity, Granularity);
             EndSuccession(successor);
         }
+    });
+
+    /// <summary>
+    /// End a narrowing scan of a recovered bitmap (Update-DirtyBitmap reading only its marked clusters): every bit
+    /// whose clusters were all read and found equal to the last backup is cleared (the bitmap was consistent, so
+    /// nothing outside its bits changed); the bits of the clusters that differ stay; the writes made during the scan
+    /// are added. <paramref name="scanned"/> and <paramref name="changed"/> have one bit per <paramref name="clusterSize"/> bytes.
+    /// </summary>
+    public void CompleteNarrowing(HierarchicalBitmap scanned, HierarchicalBitmap changed, long clusterSize) => Node.ChangeBitmap(this, () =>
+    {
+        lock (Node.Sync)
+        {
+            DirtyBitmap successor = RequireSuccessor();
+            long size = Node.Size;
+            foreach ((long start, long count) in scanned.Runs())
+            {
+                for (long c = start; c < start + count;)
+                {
+                    if (changed.Get(c))
+                    {
+                        c++;
+                        continue;
+                    }
+                    long end = changed.NextSet(c, start + count);
+                    if (end < 0 || end > start + count)
+                        end = start + count;
+                    long offset = c * clusterSize;
+                    long stop = Math.Min(end * clusterSize, size);
+                    long first = (offset + Granularity - 1) >> _shift;
+                    long last = stop >= size ? _bits.Length : stop >> _shift; // bits wholly inside the equal clusters
+                    if (last > first)
+                        _bits.Reset(first, last - first);
+                    c = end;
+                }
+            }
+            _bits.Merge(successor._bits);
+            EndSuccession(successor);
+        }
+    });
+
+    /// <summary>The bits a checkpoint holds: this bitmap's, with its successor's (a backup in progress comes back as a failed one). Caller holds Sync.</summary>
+    internal HierarchicalBitmap CheckpointBitsLocked()
+    {
+        HierarchicalBitmap bits = _bits.Clone();
+        if (Successor is { } s)
+            bits.Merge(s._bits);
+        return bits;
     }
 
     private DirtyBitmap RequireSuccessor()

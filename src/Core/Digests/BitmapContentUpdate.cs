@@ -15,6 +15,13 @@ namespace BitmapBackup.Core.Digests;
  * either before the scan reads its cluster (the change is seen) or after (the successor has it), so nothing is missed.
  * An inconsistent bitmap comes out consistent and recording; a failed or cancelled scan gives the bitmap back as it
  * was (still inconsistent, if it was).
+ *
+ * A bitmap recovered from its write-intent log after a crash is consistent (a superset of what changed since its last
+ * backup) but coarse. With the manifest of that last backup, the scan reads only the clusters it marks and clears
+ * every bit whose clusters all still equal the backup: it narrows the bitmap, reading what it marks, not the disk.
+ * Nothing outside its bits can have changed (it is a superset), so nothing else needs a read. Only the manifest the
+ * bitmap's last backup recorded is trusted for this (clearing bits against an older backup's manifest would lose
+ * changes made after it); with another one the scan reads the whole disk and only adds, as for any bitmap.
  */
 
 /// <summary>What Update-DirtyBitmap did.</summary>
@@ -25,7 +32,8 @@ public sealed record BitmapContentUpdateResult(
     bool WhatIf,
     bool WasInconsistent,
     long ClusterSize,
-    ManifestScanResult Scan)
+    ManifestScanResult Scan,
+    bool Narrowed = false)
 {
     /// <summary>Bytes of the clusters found different from the last backup.</summary>
     public long BytesDiffering => Scan.ClustersDiffering * ClusterSize;
@@ -57,6 +65,25 @@ public static class BitmapContentUpdate
         }
     }
 
+    /// <summary>Whether <paramref name="manifest"/> is the one the bitmap's last backup recorded (the only one a narrowing may trust).</summary>
+    private static bool IsLastBackupOf(BlockNode node, DirtyBitmap bitmap, DigestManifest manifest)
+        => ManifestIndex.Find(node.Path, bitmap.Name!) is { } recorded
+           && string.Equals(Path.GetFullPath(recorded), Path.GetFullPath(manifest.Path), StringComparison.Ordinal);
+
+    /// <summary>The manifest clusters that byte ranges touch.</summary>
+    private static HierarchicalBitmap ClustersOf(IReadOnlyList<(long Offset, long Length)> ranges, long clusterSize, long clusters)
+    {
+        var result = new HierarchicalBitmap(clusters);
+        foreach ((long offset, long length) in ranges)
+        {
+            long first = offset / clusterSize;
+            long end = Math.Min(clusters, (offset + length + clusterSize - 1) / clusterSize);
+            if (end > first)
+                result.Set(first, end - first);
+        }
+        return result;
+    }
+
     /// <summary>The manifest must describe this node at this size, for a bitmap of this granularity.</summary>
     public static void CheckMatches(DigestManifest manifest, BlockNode node, DirtyBitmap bitmap)
     {
@@ -83,13 +110,24 @@ public static class BitmapContentUpdate
         bitmap.Check(BitmapUse.RefuseBusy | BitmapUse.RefuseReadOnly);
         using DigestManifest manifest = OpenManifest(node, bitmap, manifestPath);
         bool wasInconsistent = bitmap.Inconsistent;
+        bool narrow = bitmap.Recovered && !wasInconsistent && IsLastBackupOf(node, bitmap, manifest);
+        long clusterSize = manifest.Info.ClusterSize;
         var changed = new HierarchicalBitmap(manifest.Info.ClusterCount);
         if (!whatIf)
             bitmap.CreateSuccessor(repair: true); // busy from here; the successor records what is written meanwhile
+        HierarchicalBitmap? scanned = null;
         ManifestScanResult scan;
         try
         {
-            scan = ManifestScan.Compare(ManifestScan.Of(node), manifest, cluster => changed.Set(cluster, 1), progress, cancel);
+            if (narrow)
+            {
+                scanned = ClustersOf(bitmap.GetDirtyRanges(), clusterSize, manifest.Info.ClusterCount); // frozen now: writes go to the successor
+                scan = ManifestScan.Compare(ManifestScan.Of(node), manifest, scanned.Runs().ToArray(), cluster => changed.Set(cluster, 1), progress, cancel);
+            }
+            else
+            {
+                scan = ManifestScan.Compare(ManifestScan.Of(node), manifest, cluster => changed.Set(cluster, 1), progress, cancel);
+            }
         }
         catch
         {
@@ -98,7 +136,12 @@ public static class BitmapContentUpdate
             throw;
         }
         if (!whatIf)
-            bitmap.CompleteScan(changed, manifest.Info.ClusterSize);
-        return new BitmapContentUpdateResult(node.Name, bitmap.Name!, manifest.Path, whatIf, wasInconsistent, manifest.Info.ClusterSize, scan);
+        {
+            if (narrow)
+                bitmap.CompleteNarrowing(scanned!, changed, clusterSize);
+            else
+                bitmap.CompleteScan(changed, clusterSize);
+        }
+        return new BitmapContentUpdateResult(node.Name, bitmap.Name!, manifest.Path, whatIf, wasInconsistent, clusterSize, scan, narrow);
     }
 }

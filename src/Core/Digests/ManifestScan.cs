@@ -8,7 +8,8 @@ namespace BitmapBackup.Core.Digests;
  * cores), its allocation first (holes and zero clusters are "zeros" without a read), its data read in large pieces and
  * hashed (ClusterHasher), its digests read from the manifest, and each cluster whose digest differs reported. Memory
  * is one read buffer per core and one window of digests (256 MiB of disk: 64 KiB of digests), whatever the disk's
- * size; the disk is read once.
+ * size; the disk is read once. A scan may be limited to runs of clusters (a recovered bitmap's marked ones): only
+ * those are read and compared.
  */
 
 /// <summary>What a scan did.</summary>
@@ -42,44 +43,59 @@ public static class ManifestScan
     /// </summary>
     public static ManifestScanResult Compare(ScanSource source, DigestManifest manifest, Action<long> differs,
         Action<long>? progress = null, CancellationToken cancel = default)
+        => Compare(source, manifest, [(0, manifest.Info.ClusterCount)], differs, progress, cancel);
+
+    /// <summary>
+    /// Compare only the clusters of <paramref name="runs"/> (first cluster, count; in order, not overlapping). The
+    /// result counts the clusters compared; <paramref name="progress"/> gets the bytes compared so far.
+    /// </summary>
+    public static ManifestScanResult Compare(ScanSource source, DigestManifest manifest, IReadOnlyList<(long First, long Count)> runs, Action<long> differs,
+        Action<long>? progress = null, CancellationToken cancel = default)
     {
         var clock = Stopwatch.StartNew();
         long clusterSize = manifest.Info.ClusterSize;
         long size = source.Size;
         long clusters = manifest.Info.ClusterCount;
+        long compared = 0;
         int window = (int)Math.Max(64, (256L << 20) / clusterSize); // 256 MiB of disk
         int parts = Math.Clamp(Environment.ProcessorCount, 1, 4);
         var expected = new UInt128[window];
         var actual = new UInt128[window];
         long differing = 0, bytesRead = 0;
         byte[][] buffers = Enumerable.Range(0, parts).Select(_ => System.Buffers.ArrayPool<byte>.Shared.Rent(ReadChunk)).ToArray();
+        void CompareWindow(long windowStart, int count)
+        {
+            cancel.ThrowIfCancellationRequested();
+            int per = (count + parts - 1) / parts;
+            Parallel.For(0, parts, new ParallelOptions { MaxDegreeOfParallelism = parts, CancellationToken = cancel }, part =>
+            {
+                long from = windowStart + ((long)part * per);
+                long to = Math.Min(windowStart + count, from + per);
+                if (from >= to)
+                    return;
+                long read = HashRange(source, clusterSize, from, to, actual.AsSpan((int)(from - windowStart)), buffers[part]);
+                Interlocked.Add(ref bytesRead, read);
+            });
+            manifest.ReadDigests(windowStart, expected.AsSpan(0, count));
+            for (int i = 0; i < count; i++)
+            {
+                if (actual[i] != expected[i])
+                {
+                    differing++;
+                    differs(windowStart + i);
+                }
+            }
+            compared += count;
+            progress?.Invoke(Math.Min(compared * clusterSize, size));
+        }
+
         try
         {
-            for (long windowStart = 0; windowStart < clusters; windowStart += window)
+            foreach ((long runFirst, long runCount) in runs)
             {
-                cancel.ThrowIfCancellationRequested();
-                int count = (int)Math.Min(window, clusters - windowStart);
-                int per = (count + parts - 1) / parts;
-                long first = windowStart;
-                Parallel.For(0, parts, new ParallelOptions { MaxDegreeOfParallelism = parts, CancellationToken = cancel }, part =>
-                {
-                    long from = first + ((long)part * per);
-                    long to = Math.Min(first + count, from + per);
-                    if (from >= to)
-                        return;
-                    long read = HashRange(source, clusterSize, from, to, actual.AsSpan((int)(from - first)), buffers[part]);
-                    Interlocked.Add(ref bytesRead, read);
-                });
-                manifest.ReadDigests(windowStart, expected.AsSpan(0, count));
-                for (int i = 0; i < count; i++)
-                {
-                    if (actual[i] != expected[i])
-                    {
-                        differing++;
-                        differs(windowStart + i);
-                    }
-                }
-                progress?.Invoke(Math.Min((windowStart + count) * clusterSize, size));
+                long runEnd = Math.Min(runFirst + runCount, clusters);
+                for (long windowStart = runFirst; windowStart < runEnd; windowStart += window)
+                    CompareWindow(windowStart, (int)Math.Min(window, runEnd - windowStart));
             }
         }
         catch (AggregateException e) when (e.InnerExceptions.Count == 1)
@@ -92,7 +108,7 @@ public static class ManifestScan
             foreach (byte[] b in buffers)
                 System.Buffers.ArrayPool<byte>.Shared.Return(b);
         }
-        return new ManifestScanResult(clusters, differing, bytesRead, clock.Elapsed);
+        return new ManifestScanResult(compared, differing, bytesRead, clock.Elapsed);
     }
 
     /// <summary>Digests of clusters [from, to) into <paramref name="digests"/>; returns the bytes read (holes are not).</summary>

@@ -42,6 +42,9 @@ public static class ErrorIds
     public const string InvalidMergeSource = "InvalidMergeSource";
     public const string PersistenceNotSupported = "PersistenceNotSupported";
     public const string BitmapStoreConflict = "BitmapStoreConflict";
+    public const string CrashSafeRequiresPersistent = "CrashSafeRequiresPersistent";
+    public const string CrashSafeNodeReadOnly = "CrashSafeNodeReadOnly";
+    public const string IntentLogUnavailable = "IntentLogUnavailable";
 
     // qcow2 images and backing chains
     public const string ImageCorrupt = "ImageCorrupt";

@@ -97,6 +97,40 @@ internal static partial class LinuxFile
         }
     }
 
+    private const uint StatxInoMask = 0x100; // STATX_INO
+    private const uint StatxBirthMask = 0x800; // STATX_BTIME
+    private const int StatxInoOffset = 32;
+    private const int StatxBirthOffset = 80;
+
+    /// <summary>
+    /// Which file <paramref name="path"/> is (links followed): its file system (major:minor), inode number and, where
+    /// the file system keeps one, its birth time. Returns 0 or the errno (ENOSYS without statx).
+    /// </summary>
+    public static unsafe int GetIdentity(string path, out FileIdentity identity)
+    {
+        identity = default;
+        byte* buffer = stackalloc byte[StatxSize];
+        int errno;
+        try
+        {
+            errno = Statx(AtFdCwd, path, 0, StatxTypeMask | StatxInoMask | StatxBirthMask, buffer) == 0 ? 0 : Marshal.GetLastPInvokeError();
+        }
+        catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException)
+        {
+            return ENOSYS;
+        }
+        if (errno != 0)
+            return errno;
+        uint mask = *(uint*)buffer;
+        bool born = (mask & StatxBirthMask) != 0;
+        identity = new FileIdentity(
+            ((ulong)*(uint*)(buffer + StatxDevMajorOffset) << 32) | *(uint*)(buffer + StatxDevMinorOffset),
+            (mask & StatxInoMask) != 0 ? *(ulong*)(buffer + StatxInoOffset) : 0,
+            born ? *(long*)(buffer + StatxBirthOffset) : 0,
+            born ? *(uint*)(buffer + StatxBirthOffset + 8) : 0);
+        return 0;
+    }
+
     private static unsafe int StatxCall(int dirfd, string path, int flags, byte* buffer)
     {
         try

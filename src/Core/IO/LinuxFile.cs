@@ -135,6 +135,31 @@ internal static partial class LinuxFile
             RandomAccess.FlushToDisk(handle);
     }
 
+    /// <summary>
+    /// Allocate the blocks of a range (fallocate mode 0; the file grows to cover it), so that later writes there need no
+    /// free space. Returns 0, or the errno (ENOSPC when the file system is full; EOPNOTSUPP where it cannot).
+    /// </summary>
+    public static int Allocate(SafeFileHandle handle, long offset, long length)
+    {
+        if (!Available || length <= 0)
+            return 0;
+        bool added = false;
+        try
+        {
+            handle.DangerousAddRef(ref added);
+            return FAllocate((int)handle.DangerousGetHandle(), 0, offset, length) == 0 ? 0 : Marshal.GetLastPInvokeError();
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return EOPNOTSUPP;
+        }
+        finally
+        {
+            if (added)
+                handle.DangerousRelease();
+        }
+    }
+
     /// <summary>Deallocate a range, keeping the file size. Returns false when unsupported.</summary>
     public static bool TryPunchHole(SafeFileHandle handle, long offset, long length)
     {

@@ -129,8 +129,11 @@ public sealed class BackupJob
 
     public long BytesDone => _copier?.BytesDone ?? _finalBytesDone;
 
+    /// <summary>Bytes read from the source (<see cref="BlockCopier.BytesRead"/>): what a backup after a crash costs the disk.</summary>
+    public long BytesRead => _copier?.BytesRead ?? _finalBytesRead;
+
     // What the job reports once it has concluded and let go of its copier (see Conclude).
-    private long _finalBytesTotal, _finalBytesDone;
+    private long _finalBytesTotal, _finalBytesDone, _finalBytesRead;
 
     /// <summary>Why the job failed, or null.</summary>
     public BlockException? Error { get { lock (_lock) return _error; } }
@@ -783,6 +786,7 @@ public sealed class BackupJob
         {
             _finalBytesTotal = copier.BytesTotal;
             _finalBytesDone = copier.BytesDone;
+            _finalBytesRead = copier.BytesRead;
             _copier = null;
         }
         _target.ReleaseImage();

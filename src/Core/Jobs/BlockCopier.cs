@@ -91,6 +91,15 @@ internal sealed class BlockCopier : IWriteInterceptor
 
     public long BytesDone { get { lock (_lock) return Math.Min(_bytesDone, BytesTotal); } }
 
+    /// <summary>
+    /// Bytes read from the source's files so far, background copies and copy-before-write alike: its data, and what a
+    /// backing file supplies. Holes, zero clusters and unallocated clusters of an image without a backing file read as
+    /// zeros without touching a disk and are not counted.
+    /// </summary>
+    public long BytesRead => Interlocked.Read(ref _bytesRead);
+
+    private long _bytesRead;
+
     /// <summary>Nothing left to copy and nothing in flight.</summary>
     public bool IsDone { get { lock (_lock) return _toCopy.Count == 0 && _inFlight.Count == 0; } }
 
@@ -264,6 +273,8 @@ internal sealed class BlockCopier : IWriteInterceptor
                 default:
                     CopyData(extent.Offset, extent.Length, hasher);
                     data += extent.Length;
+                    if (extent.State == AllocationState.Data || _source.Image.BackingFile is not null)
+                        Interlocked.Add(ref _bytesRead, extent.Length);
                     break;
             }
         }

@@ -121,7 +121,7 @@ public sealed class BlockEngine
             try
             {
                 node = new BlockNode(name, image, StoreFor(image, bitmapStore), cache);
-                node.LoadPersistentBitmaps();
+                node.LoadPersistentBitmaps(forceShare);
             }
             catch
             {

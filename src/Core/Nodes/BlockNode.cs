@@ -25,7 +25,7 @@ namespace BitmapBackup.Core.Nodes;
 ///   commit) falls wholly before or wholly after each write, never between its data and its bits;
 /// - <see cref="Sync"/>: guards the bitmaps' state and bits; held only for short, non-blocking sections.
 /// </summary>
-public sealed class BlockNode : IDisposable
+public sealed partial class BlockNode : IDisposable
 {
     private readonly ReaderWriterLockSlim _gate = new(LockRecursionPolicy.SupportsRecursion);
     private readonly List<DirtyBitmap> _bitmaps = new(); // named and anonymous, in creation order
@@ -47,6 +47,7 @@ public sealed class BlockNode : IDisposable
         Store = store;
         Cache = cache;
         _writeBack = new Timer(static state => ((BlockNode)state!).WriteBack(), this, Timeout.Infinite, Timeout.Infinite);
+        _checkpointTimer = new Timer(static state => ((BlockNode)state!).CheckpointTick(), this, Timeout.Infinite, Timeout.Infinite);
     }
 
     /// <summary>Write-back (synced within <see cref="WriteBackWindow"/>) or write-through (synced before each write returns).</summary>
@@ -114,6 +115,7 @@ public sealed class BlockNode : IDisposable
         {
             CheckOpen(); // closed while this write waited for the gate
             BeforeWrite(offset, data.Length);
+            EnsureIntent(offset, data.Length); // crash-safe bitmaps: the intent is durable before the driver sees the write
             try
             {
                 Image.Write(offset, data);
@@ -141,6 +143,7 @@ public sealed class BlockNode : IDisposable
         {
             CheckOpen();
             BeforeWrite(offset, length);
+            EnsureIntent(offset, length);
             try
             {
                 Image.WriteZeroes(offset, length);
@@ -392,6 +395,7 @@ public sealed class BlockNode : IDisposable
                 }
             }
             AfterWrite();
+            ResizeIntentLogLocked();
         }
     }
 
@@ -437,19 +441,45 @@ public sealed class BlockNode : IDisposable
         return new GateRelease(_gate);
     }
 
-    public DirtyBitmap AddBitmap(string name, long? granularity = null, bool persistent = false, bool disabled = false)
+    /// <summary>
+    /// Add a bitmap. <paramref name="crashSafe"/> (persistent only): the node keeps a write-intent log for it, and the
+    /// log's checkpoint lists it before it records anything; refused with one id each without
+    /// <paramref name="persistent"/>, on a read-only node, and when the log cannot be written (nothing changed then).
+    /// </summary>
+    public DirtyBitmap AddBitmap(string name, long? granularity = null, bool persistent = false, bool disabled = false, bool crashSafe = false)
     {
         CheckOpen();
+        if (crashSafe && !persistent)
+            Throw.Block(ErrorIds.CrashSafeRequiresPersistent, BlockErrorCategory.InvalidArgument,
+                $"Bitmap '{name}' on node '{Name}' cannot be crash-safe without being persistent: add -Persistent (a crash-safe bitmap is a persistent bitmap whose writes are also logged).", name);
         DirtyBitmapLimits.CheckName(name, Name);
         long g = granularity ?? DirtyBitmapLimits.DefaultGranularity(ClusterSize);
         DirtyBitmapLimits.CheckGranularity(g, Name, name);
+        if (crashSafe && ReadOnly)
+            Throw.Block(ErrorIds.CrashSafeNodeReadOnly, BlockErrorCategory.InvalidOperation,
+                $"Can't make bitmap '{name}' crash-safe on node '{Name}': the node is open read-only, so it can keep no write-intent log.", name);
+        if (!crashSafe)
+            return AddBitmapLocked(name, g, persistent, disabled, crashSafe: false);
+        using (Quiesce()) // the log lists the bitmap before it records a write
+            return AddBitmapLocked(name, g, persistent, disabled, crashSafe: true);
+    }
+
+    private DirtyBitmap AddBitmapLocked(string name, long g, bool persistent, bool disabled, bool crashSafe)
+    {
+        DirtyBitmap bitmap;
         lock (Sync)
         {
+            CheckOpen();
             if (FindLocked(name) is not null)
                 Throw.Block(ErrorIds.BitmapAlreadyExists, BlockErrorCategory.ResourceExists, $"Bitmap '{name}' already exists on node '{Name}'.", name);
             if (persistent)
                 CheckCanPersist(name, g);
-            var bitmap = new DirtyBitmap(this, name, g, disabled, persistent);
+            bitmap = new DirtyBitmap(this, name, g, disabled, persistent) { CrashSafe = crashSafe };
+        }
+        if (crashSafe)
+            LogNewCrashSafeLocked(bitmap);
+        lock (Sync)
+        {
             AttachLocked(bitmap);
             if (persistent)
             {
@@ -464,6 +494,25 @@ public sealed class BlockNode : IDisposable
                 }
             }
             return bitmap;
+        }
+    }
+
+    /// <summary>
+    /// Put a new crash-safe bitmap in the log's checkpoint (a new log when there is none or the slots are too small).
+    /// Caller holds the gate exclusively. IntentLogUnavailable when the log cannot be written; nothing changed then.
+    /// </summary>
+    private void LogNewCrashSafeLocked(DirtyBitmap bitmap)
+    {
+        try
+        {
+            WriteIntentLog? log = Volatile.Read(ref _intent);
+            if (log is null || !log.WriteCheckpoint(BuildCheckpoint(++_generation, clean: false, bitmap)))
+                RebuildIntentLogLocked(bitmap);
+        }
+        catch (BlockException e)
+        {
+            Throw.Block(ErrorIds.IntentLogUnavailable, e.Category,
+                $"Can't make bitmap '{bitmap.Name}' crash-safe on node '{Name}': its write-intent log '{IntentLogPath}' cannot be written beside the image ({e.Message}). Nothing was changed.", bitmap.Name, e);
         }
     }
 
@@ -482,33 +531,44 @@ public sealed class BlockNode : IDisposable
 
     /// <summary>
     /// Load the bitmaps stored in the image (at open). Opened for writing, they are marked in use on disk at
-    /// once; one found in use already (its last writer crashed) loads inconsistent.
+    /// once; one found in use already (its last writer crashed) loads inconsistent, unless it is crash-safe and its
+    /// write-intent log can be trusted: it is then rebuilt from the log (BlockNode.CrashSafe.cs). With
+    /// <paramref name="forceShare"/> the log is not used (its writer may be running).
     /// </summary>
-    internal void LoadPersistentBitmaps()
+    internal void LoadPersistentBitmaps(bool forceShare = false)
     {
         if (Store is null)
             return;
+        IReadOnlyList<StoredBitmap> stored = Store.Load();
+        IntentLogContents? log = File.Exists(IntentLogPath)
+            ? IntentLogReader.Read(IntentLogPath, IO.FileIdentity.Of(Path), Size, ReadOnly, forceShare)
+            : null;
+        var notes = new List<string>();
+        bool crashSafe;
         lock (Sync)
         {
-            foreach (StoredBitmap stored in Store.Load())
+            foreach (StoredBitmap s in stored)
+                AttachLocked(LoadOne(s, log, forceShare, notes));
+            crashSafe = HasCrashSafeLocked();
+        }
+        foreach (string note in notes)
+            EngineWarnings.PostOnce($"intent-load:{Guid.NewGuid()}", note);
+        if (ReadOnly)
+            return;
+        StartIntentLog(crashSafe, log?.Checkpoint);
+        try
+        {
+            lock (Sync)
             {
-                var bitmap = new DirtyBitmap(this, stored.Name, stored.Granularity, disabled: !stored.Auto || stored.InUse, persistent: true)
-                {
-                    Inconsistent = stored.InUse,
-                    ReadOnly = ReadOnly,
-                };
-                if (stored.Bits is { } bits)
-                {
-                    bitmap.LoadBits(bits);
-                    // The disk grew since the bits were stored (a device grown by lvextend or losetup -c while no node
-                    // had it open): the new range is dirty, as a resize of the node marks it. A shrink only cuts bits off.
-                    if (stored.DiskSize is long recorded && recorded < Size && stored.Auto && !stored.InUse)
-                        bitmap.MarkLocked(recorded, Size - recorded);
-                }
-                AttachLocked(bitmap);
+                if (_bitmaps.Count > 0)
+                    Store.MarkInUse(PersistentLocked());
             }
-            if (!ReadOnly && _bitmaps.Count > 0)
-                Store.MarkInUse(PersistentLocked());
+        }
+        catch
+        {
+            _checkpointTimer?.Dispose();
+            Volatile.Read(ref _intent)?.Close(null); // the image keeps its stored bitmaps, and they win over this log
+            throw;
         }
     }
 
@@ -558,6 +618,12 @@ public sealed class BlockNode : IDisposable
     /// <summary>Remove a bitmap. Refused while busy or read-only; allowed when inconsistent. Returns its position, for <see cref="RestoreBitmap"/>.</summary>
     public int RemoveBitmap(DirtyBitmap bitmap)
     {
+        int position = ChangeBitmap(bitmap, () => RemoveBitmapLocked(bitmap)); // the log's checkpoint no longer lists it
+        return position;
+    }
+
+    private int RemoveBitmapLocked(DirtyBitmap bitmap)
+    {
         lock (Sync)
         {
             if (bitmap.Node != this || !_bitmaps.Contains(bitmap))
@@ -582,7 +648,9 @@ public sealed class BlockNode : IDisposable
     }
 
     /// <summary>Put back a bitmap removed by <see cref="RemoveBitmap"/> (transaction rollback).</summary>
-    public void RestoreBitmap(DirtyBitmap bitmap, int position = int.MaxValue)
+    public void RestoreBitmap(DirtyBitmap bitmap, int position = int.MaxValue) => ChangeBitmap(bitmap, () => RestoreBitmapLocked(bitmap, position));
+
+    private void RestoreBitmapLocked(DirtyBitmap bitmap, int position)
     {
         lock (Sync)
         {
@@ -682,6 +750,7 @@ public sealed class BlockNode : IDisposable
                 SyncLocked();
             }
             StorePersistentBitmaps();
+            CloseIntentLog(); // a clean checkpoint, the intent cleared: the log is left empty
             Volatile.Write(ref _closed, true);
             _writeBack.Dispose();
             Image.Dispose();

@@ -9,7 +9,8 @@ namespace BitmapBackup.Core.Transactions;
  * gate of every node involved, in node-name order so two transactions cannot deadlock, and prepares the
  * actions in queue order. If one fails, the prepared ones are aborted in reverse order and the first error
  * is rethrown: nothing changed. Otherwise all are committed before the gates open: every bitmap change and
- * every backup's point in time fall on the same instant, and each write lands wholly before or after it.
+ * every backup's point in time fall on the same instant, and each write lands wholly before or after it. Changes of
+ * crash-safe bitmaps are checkpointed in their nodes' write-intent logs before the gates open, once per node.
  */
 
 /// <summary>A queue of actions applied together or not at all.</summary>
@@ -37,6 +38,8 @@ public sealed class BitmapTransaction
         {
             foreach (BlockNode node in nodes)
                 gates.Add(node.Quiesce());
+            // Crash-safe bitmaps changed by the actions get one checkpoint per node, written before the gates open.
+            using IDisposable checkpoints = BlockNode.DeferCheckpoints();
             var prepared = new List<ITransactionAction>(_actions.Count);
             try
             {

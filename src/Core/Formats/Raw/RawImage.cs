@@ -58,6 +58,12 @@ public sealed class RawImage : IBlockImage
     public bool ReadOnly { get; }
     public string? BackingFile => null;
 
+    /// <summary>
+    /// Test hook: sees every write (offset, bytes; a punched hole as zeros) and every fdatasync (offset -1) of the file,
+    /// in order, so that a test can rebuild the states a crash could leave.
+    /// </summary>
+    internal Action<long, byte[]?>? Observer { get; set; }
+
     /// <summary>Open a raw image; with <paramref name="forceShare"/> (read-only) without image locks.</summary>
     public static RawImage Open(string path, bool readOnly, bool forceShare = false) => new(path, ImageFiles.Open(path, readOnly, forceShare), readOnly);
 
@@ -110,6 +116,7 @@ public sealed class RawImage : IBlockImage
 
     public void Write(long offset, ReadOnlySpan<byte> data)
     {
+        Observer?.Invoke(offset, data.ToArray());
         Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileWrite, offset, data.Length);
         try
         {
@@ -142,6 +149,7 @@ public sealed class RawImage : IBlockImage
         long holeEnd = end == Size ? end : end / HoleAlignment * HoleAlignment;
         if (holeEnd > holeStart && LinuxFile.TryPunchHole(_handle, holeStart, holeEnd - holeStart))
         {
+            Observer?.Invoke(holeStart, new byte[holeEnd - holeStart]);
             WriteZeroBytes(offset, holeStart - offset);
             WriteZeroBytes(holeEnd, end - holeEnd);
         }
@@ -167,6 +175,7 @@ public sealed class RawImage : IBlockImage
 
     public void Flush()
     {
+        Observer?.Invoke(-1, null);
         Testing.FaultInjection.Check(Path, Testing.FaultOperation.FileSync, 0, 1);
         ImageFiles.Io(Path, "flush", () => LinuxFile.DataSync(_handle));
     }
