@@ -97,10 +97,7 @@ internal static partial class LinuxFile
         }
     }
 
-    private const uint StatxInoMask = 0x100; // STATX_INO
-    private const uint StatxBirthMask = 0x800; // STATX_BTIME
-    private const int StatxInoOffset = 32;
-    private const int StatxBirthOffset = 80;
+    // StatxInoMask, StatxBirthMask and their offsets: LinuxFile.Devices.cs.
 
     /// <summary>
     /// Which file <paramref name="path"/> is (links followed): its file system (major:minor), inode number and, where
