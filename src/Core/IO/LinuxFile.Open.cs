@@ -97,35 +97,17 @@ internal static partial class LinuxFile
         }
     }
 
-    // StatxInoMask, StatxBirthMask and their offsets: LinuxFile.Devices.cs.
-
     /// <summary>
     /// Which file <paramref name="path"/> is (links followed): its file system (major:minor), inode number and, where
     /// the file system keeps one, its birth time. Returns 0 or the errno (ENOSYS without statx).
     /// </summary>
-    public static unsafe int GetIdentity(string path, out FileIdentity identity)
+    public static int GetIdentity(string path, out FileIdentity identity)
     {
-        identity = default;
-        byte* buffer = stackalloc byte[StatxSize];
-        int errno;
-        try
-        {
-            errno = Statx(AtFdCwd, path, 0, StatxTypeMask | StatxInoMask | StatxBirthMask, buffer) == 0 ? 0 : Marshal.GetLastPInvokeError();
-        }
-        catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException)
-        {
-            return ENOSYS;
-        }
-        if (errno != 0)
-            return errno;
-        uint mask = *(uint*)buffer;
-        bool born = (mask & StatxBirthMask) != 0;
-        identity = new FileIdentity(
-            ((ulong)*(uint*)(buffer + StatxDevMajorOffset) << 32) | *(uint*)(buffer + StatxDevMinorOffset),
-            (mask & StatxInoMask) != 0 ? *(ulong*)(buffer + StatxInoOffset) : 0,
-            born ? *(long*)(buffer + StatxBirthOffset) : 0,
-            born ? *(uint*)(buffer + StatxBirthOffset + 8) : 0);
-        return 0;
+        int errno = GetInodeIdentity(null, path, out ulong fileSystem, out ulong inode, out long born);
+        identity = errno == 0
+            ? new FileIdentity(fileSystem, inode, born / 1_000_000_000L, (uint)(born % 1_000_000_000L))
+            : default;
+        return errno;
     }
 
     private static unsafe int StatxCall(int dirfd, string path, int flags, byte* buffer)
