@@ -15,6 +15,7 @@ BeforeDiscovery {
 
 BeforeAll {
     Import-Module (Join-Path $PSScriptRoot 'TestHelpers.psm1') -Force
+    Import-Module (Join-Path $PSScriptRoot 'FaultHelpers.psm1') -Force
     Import-Module $env:BITMAPBACKUP_MODULE
     $reason = if (-not (Test-Path /dev/loop-control)) { '/dev/loop-control is absent' } elseif ((& id -u) -ne '0') { 'loop devices need root' }
     if ($reason) { Write-Warning "Loop device tests skipped: $reason." }
@@ -187,25 +188,15 @@ Close-BlockNode lo
 
     It 'loads the bitmaps inconsistent after kill -9' {
         $marker = Join-Path $dir 'ready'
-        $script = Join-Path $dir 'killed.ps1'
-        Set-Content -Path $script -Value @"
-`$ErrorActionPreference = 'Stop'; Import-Module '$env:BITMAPBACKUP_MODULE'
+        $child = Start-FaultChild -Directory $dir -Name killed -Script @"
 `$null = Open-BlockNode -Path '$dev' -Name lo
 `$null = New-DirtyBitmap -Node lo -Name pers -Persistent
 Write-BlockNode -Node lo -Offset 0 -Pattern 1 -Length 1MB
 Set-Content -Path '$marker' -Value ready
 Start-Sleep -Seconds 120
 "@
-        $child = Start-Process -FilePath dotnet -ArgumentList @((Join-Path $PSHOME 'pwsh.dll'), '-NoProfile', '-NonInteractive', '-File', $script) -PassThru
-        try {
-            $deadline = [DateTime]::UtcNow.AddSeconds(60)
-            while (-not (Test-Path $marker) -and [DateTime]::UtcNow -lt $deadline -and -not $child.HasExited) { Start-Sleep -Milliseconds 100 }
-            Test-Path $marker | Should -BeTrue
-        }
-        finally {
-            & kill -9 $child.Id
-            $child.WaitForExit()
-        }
+        try { Wait-FaultFile -Path $marker -Process $child | Should -BeTrue }
+        finally { Stop-FaultChild $child }
         $null = Open-BlockNode -Path $dev -Name lo
         $b = Get-DirtyBitmap -Node lo -Name pers
         $b.Inconsistent | Should -BeTrue

@@ -8,26 +8,10 @@ BeforeDiscovery {
 
 BeforeAll {
     Import-Module (Join-Path $PSScriptRoot 'TestHelpers.psm1') -Force
+    Import-Module (Join-Path $PSScriptRoot 'FaultHelpers.psm1') -Force
     Import-Module $env:BITMAPBACKUP_MODULE
 
-    function Start-ChildPwsh {
-        <# A fresh pwsh (pwsh.dll itself, so that kill -9 kills PowerShell) running a script file that imports the module. #>
-        param([Parameter(Mandatory)] [string] $Script, [string] $StateHome)
-        $file = Join-Path (New-TestDirectory) 'child.ps1'
-        Set-Content -Path $file -Value "`$ErrorActionPreference = 'Stop'; `$env:BITMAPBACKUP_STATE_HOME = '$StateHome'; Import-Module '$env:BITMAPBACKUP_MODULE'`n$Script"
-        return Start-Process -FilePath dotnet -ArgumentList @((Join-Path $PSHOME 'pwsh.dll'), '-NoProfile', '-NonInteractive', '-File', $file) -PassThru
-    }
-
-    function Wait-ForFile([string] $Path, $Child, [int] $TimeoutSeconds = 60) {
-        $deadline = [DateTime]::UtcNow.AddSeconds($TimeoutSeconds)
-        while (-not (Test-Path $Path)) {
-            if ($Child.HasExited) { throw "the child pwsh exited ($($Child.ExitCode)) before writing '$Path'" }
-            if ([DateTime]::UtcNow -gt $deadline) { throw "the child pwsh did not write '$Path' within $TimeoutSeconds s" }
-            Start-Sleep -Milliseconds 20
-        }
-    }
-
-    function Stop-ChildHard($Child) { & kill -9 $Child.Id 2>$null; $Child.WaitForExit() }
+    # Child processes: Start-FaultChild, Wait-FaultFile and Stop-FaultChild of FaultHelpers.psm1.
 
     function Test-Covered {
         <# Whether the dirty ranges (maximal runs, sorted) hold all of [Offset, Offset+Length). #>
@@ -98,12 +82,12 @@ Describe 'Crash-safe bitmaps after kill -9 (<Format>)' -Skip:$NoQemu -ForEach @(
             $journal = Join-Path $dir "journal-$round"
             $ready = Join-Path $dir "ready-$round"
             $from = ($round - 1) * 7MB + 1MB
-            $child = Start-ChildPwsh -StateHome $env:BITMAPBACKUP_STATE_HOME -Script ("& {`n$script:WriterScript`n} -Path '$path' -Journal '$journal' -Ready '$ready' -From $from -Span 4MB -Seed $($rng.Next())")
+            $child = Start-FaultChild -Directory $dir -Name "writer-$round" -Script ("& {`n$script:WriterScript`n} -Path '$path' -Journal '$journal' -Ready '$ready' -From $from -Span 4MB -Seed $($rng.Next())")
             try {
-                Wait-ForFile -Path $ready -Child $child
+                Wait-FaultFile -Path $ready -Process $child | Should -BeTrue -Because "the writer starts ($(Get-Content -Raw $child.Err -ErrorAction SilentlyContinue))"
                 Start-Sleep -Milliseconds ($rng.Next(0, 700)) # the random instant: nothing below depends on it
             }
-            finally { Stop-ChildHard $child }
+            finally { Stop-FaultChild $child }
             $writes = @(Get-Content $journal | ForEach-Object { $f = $_ -split ' '; [pscustomobject]@{ Offset = [long]$f[1]; Length = [long]$f[2]; Pattern = [byte]$f[3] } })
             $writes.Count | Should -BeGreaterThan 0
 

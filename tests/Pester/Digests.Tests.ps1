@@ -7,26 +7,10 @@ BeforeDiscovery {
 
 BeforeAll {
     Import-Module (Join-Path $PSScriptRoot 'TestHelpers.psm1') -Force
+    Import-Module (Join-Path $PSScriptRoot 'FaultHelpers.psm1') -Force
     Import-Module $env:BITMAPBACKUP_MODULE
 
-    function Start-ChildPwsh {
-        <# A fresh pwsh (pwsh.dll itself, so that kill -9 kills PowerShell) running a script file that imports the module. #>
-        param([Parameter(Mandatory)] [string] $Script, [string] $StateHome)
-        $file = Join-Path (New-TestDirectory) 'child.ps1'
-        Set-Content -Path $file -Value "`$ErrorActionPreference = 'Stop'; `$env:BITMAPBACKUP_STATE_HOME = '$StateHome'; Import-Module '$env:BITMAPBACKUP_MODULE'`n$Script"
-        return Start-Process -FilePath dotnet -ArgumentList @((Join-Path $PSHOME 'pwsh.dll'), '-NoProfile', '-NonInteractive', '-File', $file) -PassThru
-    }
-
-    function Wait-ForFile([string] $Path, $Child, [int] $TimeoutSeconds = 30) {
-        $deadline = [DateTime]::UtcNow.AddSeconds($TimeoutSeconds)
-        while (-not (Test-Path $Path)) {
-            if ($Child.HasExited) { throw "the child pwsh exited ($($Child.ExitCode)) before writing '$Path'" }
-            if ([DateTime]::UtcNow -gt $deadline) { throw "the child pwsh did not write '$Path' within $TimeoutSeconds s" }
-            Start-Sleep -Milliseconds 50
-        }
-    }
-
-    function Stop-ChildHard($Child) { & kill -9 $Child.Id 2>$null; $Child.WaitForExit() }
+    # Child processes: Start-FaultChild, Wait-FaultFile and Stop-FaultChild of FaultHelpers.psm1.
 
     function Get-DirtyClusterText([string] $Node, [string] $Name) {
         @(Get-DirtyBitmapRange -Node $Node -Name $Name | ForEach-Object { '{0}+{1}' -f $_.Offset, $_.Length })
@@ -122,7 +106,7 @@ Describe 'Digest manifests of backups' -Skip:$NoQemu {
         $path = Join-Path $dir "k$Extension"
         $ready = Join-Path $dir 'ready'
         $null = New-BlockImage -Path $path -Size 32MB -Format $Format
-        $child = Start-ChildPwsh -StateHome $env:BITMAPBACKUP_STATE_HOME @"
+        $child = Start-FaultChild -Directory $dir -Name killed -Script @"
 `$null = Open-BlockNode -Path '$path' -Name k
 Write-BlockNode -Node k -Offset 0 -Pattern 1 -Length 6MB
 `$null = New-DirtyBitmap -Node k -Name daily -Persistent
@@ -134,8 +118,8 @@ Sync-BlockNode -Node k
 Set-Content -Path '$ready' -Value ready
 Start-Sleep -Seconds 120
 "@
-        try { Wait-ForFile -Path $ready -Child $child }
-        finally { Stop-ChildHard $child }
+        try { Wait-FaultFile -Path $ready -Process $child | Should -BeTrue -Because "the child gets ready ($(Get-Content -Raw $child.Err -ErrorAction SilentlyContinue))" }
+        finally { Stop-FaultChild $child }
         $null = Open-BlockNode -Path $path -Name k
         (Get-DirtyBitmap -Node k -Name daily).Inconsistent | Should -BeTrue
         { Start-IncrementalBackup -Node k -Target (Join-Path $dir 'inc.qcow2') -Sync Incremental -Bitmap daily -BackingFile full.qcow2 -Wait -ErrorAction Stop } |
@@ -195,17 +179,17 @@ Start-Sleep -Seconds 120
         foreach ($run in 1..4) {
             $target = Join-Path $dir "inc$run.qcow2"
             $started = Join-Path $dir "started$run"
-            $child = Start-ChildPwsh -StateHome $env:BITMAPBACKUP_STATE_HOME @"
+            $child = Start-FaultChild -Directory $dir -Name killed -Script @"
 `$null = Open-BlockNode -Path '$path' -Name c
 Set-Content -Path '$started' -Value go
 `$null = Start-IncrementalBackup -Node c -Target '$target' -Sync Full -Bitmap b -BitmapMode OnSuccess -BytesPerSecond 16MB -Wait
 Start-Sleep -Seconds 120
 "@
             try {
-                Wait-ForFile -Path $started -Child $child
+                Wait-FaultFile -Path $started -Process $child | Should -BeTrue -Because "the backup starts ($(Get-Content -Raw $child.Err -ErrorAction SilentlyContinue))"
                 Start-Sleep -Milliseconds (900 + $rng.Next(0, 900))   # about the copy's end, where the commit and the manifest's rename happen
             }
-            finally { Stop-ChildHard $child }
+            finally { Stop-FaultChild $child }
             $manifest = "$target.digests"
             if (Test-Path $manifest) {
                 Test-Path $target | Should -BeTrue -Because "a manifest is named only after its backup committed (run $run, seed $seed)"

@@ -119,6 +119,16 @@ Describe 'Merge-BackupChain -Keep' -Skip:$NoQemu {
         (Get-Item $chain.Images[1]).UnixMode | Should -Be '-rw-r-----'
     }
 
+    It 'takes a wildcard -Path that matches the top alone; one that matches several images is PathMatchesSeveralFiles, nothing merged' {
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
+        Assert-BlockError { Merge-BackupChain -Path (Join-Path $chain.Dir 'b*.qcow2') -Keep 2 -Wait -Confirm:$false -ErrorAction Stop } -ErrorId 'PathMatchesSeveralFiles,BitmapBackup.MergeBackupChainCommand'
+        @(Get-BackupChain -Path $chain.Top).Count | Should -Be 3
+        $pattern = Join-Path $chain.Dir ((Split-Path -Leaf $chain.Top) -replace '\.qcow2$', '.qcow?')
+        $r = Merge-BackupChain -Path $pattern -Keep 2 -Wait -Confirm:$false
+        $r.Path | Should -Be $chain.Top
+        $r.ImagesAfter | Should -Be 2
+    }
+
     It 'takes the top from the pipeline (a backup''s result) and -WhatIf changes nothing' {
         $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 3
         Merge-BackupChain -Path $chain.Top -Keep 1 -WhatIf

@@ -135,7 +135,7 @@ public sealed class BackupPSJob : Job2
         var error = new BlockException(ErrorIds.JobStopTimedOut, BlockErrorCategory.OperationTimeout,
             $"Backup job '{Name}' was cancelled but did not finish cleaning up within {StopTimeout.TotalSeconds:0} s (status {Backup.Status}); " +
             "its bitmap stays busy until it does, and the job can be removed.", Name);
-        SetState(JobState.Failed, Reason(error));
+        SetState(JobState.Failed, error);
     }
 
     public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
@@ -252,17 +252,12 @@ public sealed class BackupPSJob : Job2
         }
         else
         {
-            SetState(JobState.Failed, Reason(error));
+            // The failure is the job's JobStateInfo.Reason (ErrorId, Category, Target), not also a record of the Error
+            // stream: Receive-Job writes every failed job's reason (as JobStateFailed, as for a ThreadJob), and would
+            // write the failure twice. The BackupResult in the output carries ErrorId too.
+            SetState(JobState.Failed, error);
         }
     }
-
-    /// <summary>
-    /// What failed the job, as JobStateInfo.Reason: the engine's exception (its ErrorId, Category and Target). As with
-    /// ThreadJob, the failure is the reason and not also a record of the Error stream, because Receive-Job writes the
-    /// reason of every failed job it receives (id JobStateFailed, this exception inside) and would otherwise write the
-    /// failure twice; the BackupResult in the output carries ErrorId as well.
-    /// </summary>
-    private static Exception Reason(BlockException error) => error;
 
     /// <summary>Timer tick: one progress record, unless the job has concluded (its streams may be closed).</summary>
     private void WriteProgressRecord()

@@ -103,7 +103,7 @@ public sealed class MergePSJob : Job2
         }
         var error = new BlockException(ErrorIds.JobStopTimedOut, BlockErrorCategory.OperationTimeout,
             $"Merge job '{Name}' was stopped but did not finish within {StopTimeout.TotalSeconds:0} s (status {Merge.Status}); the job can be removed, the merge concludes when its storage answers.", Name);
-        SetJobState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Reason)
+        SetJobState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Conclude)
     }
 
     public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
@@ -168,7 +168,7 @@ public sealed class MergePSJob : Job2
         }
         else
         {
-            SetJobState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Reason)
+            SetJobState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Conclude)
         }
     }
 
