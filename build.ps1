@@ -122,6 +122,21 @@ function Get-JUnitCounts([string[]] $Files) {
     return $c
 }
 
+function Write-JUnitFailures([string[]] $Files) {
+    # The failed cases with the first lines of their messages, printed just above the count line: CI shows
+    # only the tail of the output, and a flaky case must be named there to be found again.
+    foreach ($f in $Files) {
+        [xml] $x = Get-Content -Raw $f
+        foreach ($case in $x.SelectNodes('//testcase[failure or error]')) {
+            $node = $case.SelectSingleNode('failure|error')
+            $text = (@($node.GetAttribute('message'), $node.InnerText) | Where-Object { $_ }) -join ' '
+            $text = ($text -replace '\s+', ' ').Trim()
+            if ($text.Length -gt 400) { $text = $text.Substring(0, 400) + '...' }
+            Write-Host "FAILED: $($case.GetAttribute('classname')) :: $($case.GetAttribute('name')): $text"
+        }
+    }
+}
+
 function Task-Test {
     Invoke-Task Build
     Invoke-Task Help
@@ -149,6 +164,7 @@ function Task-Test {
     $failed = $xunit.Failed + $pester.Failed
     $skipped = $xunit.Skipped + $pester.Skipped
     $script:TestFailed = $failed -gt 0
+    Write-JUnitFailures @(Get-ChildItem $results -Filter '*.junit.xml' -Recurse | ForEach-Object FullName)
     Write-Host "$passed passed, $failed failed, $skipped skipped"
 }
 
