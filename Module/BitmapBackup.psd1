@@ -14,7 +14,7 @@
     CmdletsToExport      = @(
         'New-BlockImage', 'Get-BlockImage', 'Open-BlockNode', 'Get-BlockNode', 'Close-BlockNode', 'Resize-BlockNode',
         'Write-BlockNode', 'Read-BlockNode', 'Sync-BlockNode',
-        'New-DirtyBitmap', 'Get-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
+        'New-DirtyBitmap', 'Get-DirtyBitmap', 'Set-DirtyBitmap', 'Enable-DirtyBitmap', 'Disable-DirtyBitmap', 'Clear-DirtyBitmap',
         'Remove-DirtyBitmap', 'Merge-DirtyBitmap', 'Get-DirtyBitmapRange', 'Update-DirtyBitmap',
         'Start-IncrementalBackup', 'Complete-IncrementalBackup', 'Suspend-IncrementalBackup', 'Resume-IncrementalBackup',
         'Invoke-BitmapTransaction', 'Get-BackupChain', 'Restore-IncrementalBackup', 'Test-IncrementalBackup', 'Merge-BackupChain',

@@ -7,7 +7,8 @@
     class-based resources through the module's root script (PSDesiredStateConfiguration and the DSC v3 PowerShell
     adapter both load '<root>.psm1' by the module's name and ask it for the class).
 
-    DirtyBitmap: a persistent bitmap exists on an image (or does not) with the stated granularity and recording state.
+    DirtyBitmap: a persistent bitmap exists on an image (or does not) with the stated granularity, recording state and
+    crash safety (a write-intent log; changed on an existing bitmap with Set-DirtyBitmap, keeping its bits).
     BackupChainRetention: the backup chain ending at an image has at most Keep images (Set merges, Merge-BackupChain).
 
     Both use the module's cmdlets, so they behave as the cmdlets do: an image that another process (a VM, qemu-io, a
@@ -69,6 +70,9 @@ function Get-DirtyBitmapDrift {
     if ($Desired.Granularity -gt 0 -and $Current.Granularity -ne $Desired.Granularity) {
         "$what has a granularity of $($Current.Granularity) bytes, not $($Desired.Granularity)."
     }
+    if ($Current.CrashSafe -ne $Desired.CrashSafe) {
+        if ($Desired.CrashSafe) { "$what is not crash-safe (no write-intent log lists it), and should be." } else { "$what is crash-safe, and should not be." }
+    }
     if ($Current.Enabled -ne $Desired.Enabled) {
         if ($Desired.Enabled) { "$what does not record writes, and should." } else { "$what records writes, and should not." }
     }
@@ -99,11 +103,16 @@ function Set-DirtyBitmapState {
             $bitmap = $null
         }
         if (-not $bitmap) {
-            $arguments = @{ Node = $node.Name; Name = $Desired.Name; Persistent = $true; Disabled = -not $Desired.Enabled }
+            $arguments = @{ Node = $node.Name; Name = $Desired.Name; Persistent = $true; Disabled = -not $Desired.Enabled; CrashSafe = $Desired.CrashSafe }
             if ($Desired.Granularity -gt 0) { $arguments.Granularity = $Desired.Granularity }
             $null = New-DirtyBitmap @arguments -Confirm:$false -ErrorAction Stop
-            Write-Verbose "Added the persistent bitmap '$($Desired.Name)' to '$path' ($(if ($Desired.Enabled) { 'recording' } else { 'disabled' }))."
+            Write-Verbose "Added the persistent$(if ($Desired.CrashSafe) { ', crash-safe' }) bitmap '$($Desired.Name)' to '$path' ($(if ($Desired.Enabled) { 'recording' } else { 'disabled' }))."
             return
+        }
+        if ($bitmap.CrashSafe -ne $Desired.CrashSafe) {
+            # Set-DirtyBitmap keeps the bits: removing and adding the bitmap again would force a full backup.
+            Set-DirtyBitmap -Node $node.Name -Name $Desired.Name -CrashSafe:$Desired.CrashSafe -Confirm:$false -ErrorAction Stop
+            Write-Verbose "Bitmap '$($Desired.Name)' of '$path' is $(if ($Desired.CrashSafe) { 'crash-safe now' } else { 'no longer crash-safe' }); its bits are kept."
         }
         if ($bitmap.Recording -ne $Desired.Enabled) {
             if ($Desired.Enabled) {
@@ -171,6 +180,11 @@ class DirtyBitmap {
     [DscProperty()]
     [bool] $Enabled = $true
 
+    # Whether a write-intent log protects the bitmap, so that a crash leaves it recoverable rather than inconsistent
+    # (New-DirtyBitmap -CrashSafe); changing it on an existing bitmap keeps its bits (Set-DirtyBitmap -CrashSafe).
+    [DscProperty()]
+    [bool] $CrashSafe = $false
+
     # Dirty bytes the bitmap holds (0 when it is in use: its bits are not trusted then).
     [DscProperty(NotConfigurable)]
     [long] $Count
@@ -182,6 +196,10 @@ class DirtyBitmap {
     # In use although no writer holds the image: it was not stored cleanly, and loads inconsistent.
     [DscProperty(NotConfigurable)]
     [bool] $Inconsistent
+
+    # In use after a crash, but crash-safe: its write-intent log rebuilds it at the next open (it is not inconsistent).
+    [DscProperty(NotConfigurable)]
+    [bool] $Recoverable
 
     [DirtyBitmap] Get() {
         $state = [DirtyBitmap]::new()
@@ -200,7 +218,9 @@ class DirtyBitmap {
         $state.Enabled = $found[0].Auto
         $state.Count = $found[0].Count
         $state.InUse = $found[0].InUse
-        $state.Inconsistent = $found[0].InUse -and -not $read.Shared
+        $state.CrashSafe = $found[0].CrashSafe
+        $state.Recoverable = $found[0].Recoverable
+        $state.Inconsistent = $found[0].InUse -and -not $read.Shared -and -not $found[0].Recoverable
         return $state
     }
 

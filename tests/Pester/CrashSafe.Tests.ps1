@@ -218,3 +218,99 @@ Describe 'Crash-safe bitmaps: bad input' {
         Get-RangeText cc b | Should -Be @('1048576+65536')
     }
 }
+
+Describe 'Set-DirtyBitmap -CrashSafe (an existing bitmap, its bits kept)' {
+    BeforeEach {
+        $dir = New-TestDirectory
+        $env:BITMAPBACKUP_STATE_HOME = Join-Path $dir 'state'
+    }
+    AfterEach {
+        Close-TestNode
+        Remove-Item Env:BITMAPBACKUP_STATE_HOME -ErrorAction SilentlyContinue
+    }
+
+    It 'turns a recording persistent bitmap crash-safe and back (<Format>), the bits kept, the log written and removed, -Path says so' -ForEach @(
+        @{ Format = 'Raw'; Extension = '.img' }, @{ Format = 'Qcow2'; Extension = '.qcow2' }
+    ) {
+        $path = Join-Path $dir "sd$Extension"
+        $null = New-BlockImage -Path $path -Size 8MB -Format $Format
+        $null = Open-BlockNode -Path $path -Name sd
+        $null = New-DirtyBitmap -Node sd -Name b -Persistent
+        $null = New-DirtyBitmap -Node sd -Name other -Persistent
+        Write-BlockNode -Node sd -Offset 1MB -Pattern 3 -Length 64KB
+        Test-Path "$path.intent" | Should -BeFalse
+
+        Set-DirtyBitmap -Node sd -Name b -CrashSafe -WhatIf
+        (Get-DirtyBitmap -Node sd -Name b).CrashSafe | Should -BeFalse -Because '-WhatIf changes nothing'
+
+        $after = Set-DirtyBitmap -Node sd -Name b -CrashSafe -PassThru
+        $after.CrashSafe | Should -BeTrue
+        $after.Count | Should -Be 64KB
+        Test-Path "$path.intent" | Should -BeTrue
+        (Get-DirtyBitmap -Node sd -Name other).CrashSafe | Should -BeFalse
+        @(Set-DirtyBitmap -Node sd -Name b -CrashSafe -Verbose 4>&1 | ForEach-Object Message) | Should -Contain "Bitmap 'b' of node 'sd' is already crash-safe: nothing changed." 
+        Write-BlockNode -Node sd -Offset 3MB -Pattern 4 -Length 64KB
+        Close-BlockNode sd
+        $stored = @(Get-DirtyBitmap -Path $path | Sort-Object Name)
+        $stored.Name | Should -Be @('b', 'other')
+        $stored.CrashSafe | Should -Be @($true, $false)
+        $stored.Recoverable | Should -Be @($false, $false)
+
+        $null = Open-BlockNode -Path $path -Name sd
+        (Get-DirtyBitmap -Node sd -Name b).CrashSafe | Should -BeTrue -Because 'the clean log names it'
+        Get-DirtyBitmap -Node sd -Name b | Set-DirtyBitmap -CrashSafe:$false
+        $b = Get-DirtyBitmap -Node sd -Name b
+        $b.CrashSafe | Should -BeFalse
+        Get-RangeText sd b | Should -Be @('1048576+65536', '3145728+65536')
+        Test-Path "$path.intent" | Should -BeFalse -Because 'no crash-safe bitmap is left'
+        Close-BlockNode sd
+        (Get-DirtyBitmap -Path $path -Name b).CrashSafe | Should -BeFalse
+    }
+
+    It 'refuses, nothing changed: <Case>' -ForEach @(
+        @{ Case = 'a bitmap that is not persistent (CrashSafeRequiresPersistent)'; Id = 'CrashSafeRequiresPersistent'; Persistent = $false; ReadOnly = $false; Blocked = $false }
+        @{ Case = 'a read-only node (CrashSafeNodeReadOnly)'; Id = 'CrashSafeNodeReadOnly'; Persistent = $true; ReadOnly = $true; Blocked = $false }
+        @{ Case = 'a log that cannot be created (IntentLogUnavailable)'; Id = 'IntentLogUnavailable'; Persistent = $true; ReadOnly = $false; Blocked = $true }
+    ) {
+        $path = New-TestImage -Directory $dir -Size 4MB
+        if ($ReadOnly) {
+            $null = Open-BlockNode -Path $path -Name rf
+            $null = New-DirtyBitmap -Node rf -Name b -Persistent
+            Close-BlockNode rf
+            $null = Open-BlockNode -Path $path -Name rf -ReadOnly
+        }
+        else {
+            $null = Open-BlockNode -Path $path -Name rf
+            $null = New-DirtyBitmap -Node rf -Name b -Persistent:$Persistent
+            Write-BlockNode -Node rf -Offset 0 -Pattern 1 -Length 64KB
+        }
+        if ($Blocked) {
+            # A folder where the log must go: no process, root included, can put a file there.
+            $null = New-Item -ItemType Directory -Path "$path.intent"
+            Set-Content -Path (Join-Path "$path.intent" 'keep') -Value keep
+        }
+        $before = Get-DirtyBitmap -Node rf -Name b
+        { Set-DirtyBitmap -Node rf -Name b -CrashSafe -ErrorAction Stop } | Should -Throw -ErrorId "$Id,BitmapBackup.SetDirtyBitmapCommand"
+        $b = Get-DirtyBitmap -Node rf -Name b
+        $b.CrashSafe | Should -BeFalse
+        $b.Count | Should -Be $before.Count
+        Test-Path "$path.intent" -PathType Leaf | Should -BeFalse
+        if (-not $ReadOnly) {
+            Write-BlockNode -Node rf -Offset 1MB -Pattern 2 -Length 64KB
+            (Get-DirtyBitmap -Node rf -Name b).Count | Should -Be ($before.Count + 64KB) -Because 'the bitmap goes on recording'
+        }
+    }
+
+    It 'refuses a busy bitmap (an export uses it) with BitmapBusy' {
+        $path = New-TestImage -Directory $dir -Size 4MB
+        $null = Open-BlockNode -Path $path -Name bz
+        $null = New-DirtyBitmap -Node bz -Name b -Persistent
+        $socket = Join-Path $dir 'bz.sock'
+        $export = Start-BlockExport -Node bz -Socket $socket -Bitmap b -Writable
+        try {
+            { Set-DirtyBitmap -Node bz -Name b -CrashSafe -ErrorAction Stop } | Should -Throw -ErrorId 'BitmapBusy,BitmapBackup.SetDirtyBitmapCommand'
+        }
+        finally { Stop-BlockExport -Name $export.Name -Confirm:$false }
+        (Get-DirtyBitmap -Node bz -Name b).CrashSafe | Should -BeFalse
+    }
+}

@@ -9,6 +9,7 @@ BeforeDiscovery {
 
 BeforeAll {
     Import-Module (Join-Path $PSScriptRoot 'TestHelpers.psm1') -Force
+    Import-Module (Join-Path $PSScriptRoot 'FaultHelpers.psm1') -Force
     Import-BitmapBackupModule
     $script:ModuleFolder = Split-Path (Get-BitmapBackupModulePath)
     $script:Pwsh = Join-Path $PSHOME 'pwsh.dll'
@@ -255,6 +256,68 @@ Invoke-Step get2 { `$r.Get() }
         $s.set1.Warnings[0] | Should -BeLike "Bitmap 'daily' of '$img' was made anew because it is inconsistent*full one*"
         $s.get2.Result.Inconsistent | Should -BeFalse
         @((Get-QemuBitmap $img)[0].flags) | Should -Be @('auto')
+        $null = Assert-QemuImageCheck -Path $img
+    }
+}
+
+Describe 'DSC class DirtyBitmap: CrashSafe' -Skip:$NoQemu {
+    AfterEach { Close-TestNode }
+
+    It 'makes an existing bitmap crash-safe keeping its bits; after kill -9 it is Recoverable, not inconsistent, so Set keeps it; and back' {
+        $dir = New-TestDirectory
+        $img = Join-Path $dir 'disk.qcow2'
+        $null = New-BlockImage -Path $img -Size 8MB -Confirm:$false
+        $s = Invoke-DscClass @"
+`$plain = New-Resource DirtyBitmap @{ Path = '$img'; Name = 'daily' }
+Invoke-Step set1 { `$plain.Set() }
+`$n = Open-BlockNode -Path '$img'; Write-BlockNode -Node `$n.Name -Offset 1MB -Length 1MB -Pattern 7; Close-BlockNode -Node `$n.Name
+`$safe = New-Resource DirtyBitmap @{ Path = '$img'; Name = 'daily'; CrashSafe = `$true }
+Invoke-Step get1 { `$safe.Get() }
+Invoke-Step test1 { `$safe.Test() }
+Invoke-Step set2 { `$safe.Set() }
+Invoke-Step get2 { `$safe.Get() }
+Invoke-Step test2 { `$safe.Test() }
+"@
+        $s.set1.Error | Should -BeNullOrEmpty
+        $s.get1.Result.CrashSafe | Should -BeFalse
+        $s.get1.Result.Count | Should -Be 1MB
+        $s.test1.Result | Should -BeFalse
+        $s.test1.Verbose | Should -Contain "bitmap 'daily' of '$img' is not crash-safe (no write-intent log lists it), and should be."
+        $s.set2.Error | Should -BeNullOrEmpty
+        $s.set2.Warnings | Should -BeNullOrEmpty -Because 'the bitmap is changed in place, not made anew'
+        $s.get2.Result.CrashSafe | Should -BeTrue
+        $s.get2.Result.Count | Should -Be 1MB -Because 'the writes it recorded are kept'
+        $s.test2.Result | Should -BeTrue
+        Test-Path "$img.intent" | Should -BeTrue
+
+        # A writer killed while it holds the image: the bitmap is in use, and its log can rebuild it.
+        $ready = Join-Path $dir 'ready'
+        $child = Start-FaultChild -Directory $dir -Name writer -Script "`$n = Open-BlockNode -Path '$img'; Write-BlockNode -Node `$n.Name -Offset 5MB -Length 64KB -Pattern 9; Set-Content -Path '$ready' -Value ok; Start-Sleep 60"
+        try { Wait-FaultFile -Path $ready -Process $child | Should -BeTrue -Because (Get-Content -Raw $child.Err -ErrorAction SilentlyContinue) }
+        finally { Stop-FaultChild $child }
+        $s = Invoke-DscClass @"
+`$safe = New-Resource DirtyBitmap @{ Path = '$img'; Name = 'daily'; CrashSafe = `$true }
+Invoke-Step get3 { `$safe.Get() }
+Invoke-Step test3 { `$safe.Test() }
+Invoke-Step set3 { `$safe.Set() }
+`$plain = New-Resource DirtyBitmap @{ Path = '$img'; Name = 'daily' }
+Invoke-Step test4 { `$plain.Test() }
+Invoke-Step set4 { `$plain.Set() }
+Invoke-Step get4 { `$plain.Get() }
+"@
+        $s.get3.Result.InUse | Should -BeTrue
+        $s.get3.Result.Recoverable | Should -BeTrue
+        $s.get3.Result.Inconsistent | Should -BeFalse
+        $s.test3.Result | Should -BeTrue
+        $s.set3.Warnings | Should -BeNullOrEmpty
+        $s.test4.Result | Should -BeFalse
+        $s.test4.Verbose | Should -Contain "bitmap 'daily' of '$img' is crash-safe, and should not be."
+        $s.set4.Error | Should -BeNullOrEmpty
+        ($s.set4.Warnings -join "`n") | Should -Not -BeLike "*made anew*"
+        $s.get4.Result.CrashSafe | Should -BeFalse
+        $s.get4.Result.InUse | Should -BeFalse
+        $s.get4.Result.Count | Should -BeGreaterOrEqual (1MB + 64KB) -Because 'the recovered bits (the 1 MiB recorded, the write the crash interrupted and the regions the log named) are kept'
+        Test-Path "$img.intent" | Should -BeFalse -Because 'no crash-safe bitmap is left, so the node keeps no log'
         $null = Assert-QemuImageCheck -Path $img
     }
 }

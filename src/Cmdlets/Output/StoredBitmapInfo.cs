@@ -13,6 +13,8 @@ public sealed class StoredBitmapInfo
         Count = stored.Count;
         InUse = stored.InUse;
         Auto = stored.Auto;
+        CrashSafe = stored.CrashSafe;
+        Recoverable = stored.Recoverable;
         Flags = [.. stored.InUse ? new[] { "in-use" } : [], .. stored.Auto ? new[] { "auto" } : []];
     }
 
@@ -31,6 +33,15 @@ public sealed class StoredBitmapInfo
 
     /// <summary>Records writes when loaded (the qcow2 'auto' flag): enabled.</summary>
     public bool Auto { get; }
+
+    /// <summary>Listed by the image's write-intent log: a crash-safe bitmap (New-DirtyBitmap -CrashSafe, Set-DirtyBitmap -CrashSafe).</summary>
+    public bool CrashSafe { get; }
+
+    /// <summary>
+    /// In use after a crash, but its write-intent log can rebuild it: the next Open-BlockNode loads it consistent
+    /// (Recovered), not inconsistent.
+    /// </summary>
+    public bool Recoverable { get; }
 
     /// <summary>The flags as qemu-img info shows them: in-use, auto.</summary>
     public string[] Flags { get; }

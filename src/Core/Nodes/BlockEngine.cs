@@ -155,10 +155,27 @@ public sealed class BlockEngine
     public IReadOnlyList<StoredBitmap> ReadStoredBitmaps(string path, bool forceShare = false, string? bitmapStore = null)
     {
         string fullPath = System.IO.Path.GetFullPath(path);
-        if (Nodes.FirstOrDefault(n => n.Path == fullPath) is { Store: { } open })
-            return open.Load();
+        if (Nodes.FirstOrDefault(n => n.Path == fullPath) is { Store: { } open } node)
+            return open.Load().Select(s => s with { CrashSafe = node.FindBitmap(s.Name) is { CrashSafe: true } }).ToArray();
         using IBlockImage image = OpenImage(fullPath, readOnly: true, forceShare);
-        return StoreFor(image, bitmapStore)?.Load() ?? [];
+        if (StoreFor(image, bitmapStore) is not { } store)
+            return [];
+        IReadOnlyList<StoredBitmap> stored = store.Load();
+        string logPath = BlockNode.IntentLogPathFor(fullPath, store);
+        if (!File.Exists(logPath))
+            return stored;
+        // As the next open would read it (BlockNode.LoadOne): listed in the log's checkpoint = crash-safe; left in use
+        // with a log that can be trusted = recovered at the next open, not inconsistent.
+        IntentLogContents? log = IntentLogReader.Read(logPath, IO.FileIdentity.Of(fullPath), image.Size, readOnly: true, forceShare);
+        return stored.Select(s =>
+        {
+            IntentCheckpointEntry? entry = log?.Checkpoint?.Find(s.Name) is { } e && e.Granularity == s.Granularity ? e : null;
+            return s with
+            {
+                CrashSafe = entry is not null,
+                Recoverable = s.InUse && entry is not null && log!.CanRecover && !forceShare && !entry.Inconsistent,
+            };
+        }).ToArray();
     }
 
     /// <summary>

@@ -66,7 +66,11 @@ public sealed partial class BlockNode
     /// Where the node keeps its write-intent log: beside the image, or beside its bitmaps in the bitmap state folder
     /// when they are kept there (a block device: nothing is ever written into /dev).
     /// </summary>
-    public string IntentLogPath => (Store is Persistence.StateFolderBitmapStore { Path: { } stored } ? stored : Path) + WriteIntentLog.Suffix;
+    public string IntentLogPath => IntentLogPathFor(Path, Store);
+
+    /// <summary>The write-intent log of the image at <paramref name="imagePath"/> whose bitmaps live in <paramref name="store"/>.</summary>
+    internal static string IntentLogPathFor(string imagePath, IBitmapStore? store)
+        => (store is StateFolderBitmapStore { Path: { } stored } ? stored : imagePath) + WriteIntentLog.Suffix;
 
     /// <summary>Whether a write-intent log protects the node's crash-safe bitmaps now.</summary>
     public bool HasIntentLog => Volatile.Read(ref _intent) is not null;
@@ -335,6 +339,57 @@ public sealed partial class BlockNode
         }
         catch (BlockException)
         {
+        }
+    }
+
+    /// <summary>
+    /// Make an existing bitmap crash-safe, or a plain persistent one again, keeping its bits (Set-DirtyBitmap
+    /// -CrashSafe). On: the log's checkpoint lists it, with its bits, before it records another write (a new log when
+    /// there is none). Off: the checkpoint no longer lists it (the log is removed when no crash-safe bitmap is left), so a
+    /// crash loads it inconsistent, as any persistent bitmap. Refused as <see cref="AddBitmap"/> refuses a crash-safe
+    /// bitmap (not persistent, node read-only, log cannot be written: nothing changed), and while the bitmap is busy or
+    /// inconsistent. Returns whether anything changed.
+    /// </summary>
+    public bool SetCrashSafe(DirtyBitmap bitmap, bool crashSafe)
+    {
+        CheckOpen();
+        bitmap.Check(BitmapUse.AllowReadOnly);
+        if (bitmap.CrashSafe == crashSafe)
+            return false;
+        if (crashSafe && !bitmap.Persistent)
+            Throw.Block(ErrorIds.CrashSafeRequiresPersistent, BlockErrorCategory.InvalidArgument,
+                $"Bitmap '{bitmap.Name}' on node '{Name}' cannot be crash-safe: it is not persistent (a crash-safe bitmap is a persistent bitmap whose writes are also logged).", bitmap.Name);
+        if (ReadOnly)
+            Throw.Block(ErrorIds.CrashSafeNodeReadOnly, BlockErrorCategory.InvalidOperation,
+                $"Can't change whether bitmap '{bitmap.Name}' is crash-safe on node '{Name}': the node is open read-only, so it keeps no write-intent log.", bitmap.Name);
+        using (Quiesce()) // no write between the flag and the checkpoint that states it
+        {
+            CheckOpen();
+            bitmap.Check(BitmapUse.AllowReadOnly);
+            if (bitmap.CrashSafe == crashSafe)
+                return false;
+            if (crashSafe)
+            {
+                lock (Sync)
+                    bitmap.CrashSafe = true;
+                try
+                {
+                    LogNewCrashSafeLocked(bitmap);
+                }
+                catch
+                {
+                    lock (Sync)
+                        bitmap.CrashSafe = false;
+                    throw;
+                }
+            }
+            else
+            {
+                lock (Sync)
+                    bitmap.CrashSafe = false;
+                CheckpointAfterChangeLocked();
+            }
+            return true;
         }
     }
 

@@ -18,4 +18,13 @@ public sealed record StoredBitmap(string Name, long Granularity, bool InUse, boo
     /// the grown range marked dirty at the load, as a resize would mark it.
     /// </summary>
     public long? DiskSize { get; init; }
+
+    /// <summary>Listed by the image's write-intent log (New-DirtyBitmap -CrashSafe); filled by <see cref="Nodes.BlockEngine.ReadStoredBitmaps"/>.</summary>
+    public bool CrashSafe { get; init; }
+
+    /// <summary>
+    /// Left in use by a crash, but its write-intent log can rebuild it: the next open loads it consistent (recovered),
+    /// not inconsistent. Filled by <see cref="Nodes.BlockEngine.ReadStoredBitmaps"/>.
+    /// </summary>
+    public bool Recoverable { get; init; }
 }
