@@ -86,6 +86,54 @@ public sealed class DigestManifestTests
     }
 
     [Fact]
+    public void Writer_GathersPages_KeepsThePreviousDigestsAroundScatteredOnes_AndAgreesWithAModel()
+    {
+        // 300 pages of digests (76,800 clusters + 5, the last page short): enough for the writer to write pages out
+        // before they are whole (it keeps at most a few hundred), and to come back to them.
+        using var dir = new TempDirectory();
+        const long clusters = (300 * 256) + 5;
+        var info = new DigestManifestInfo("/images/vm.img", "daily", 65536, (clusters * 65536) - 100, 65536, "b1.qcow2", DateTimeOffset.FromUnixTimeMilliseconds(1_700_000_000_000));
+        var model = new UInt128[clusters];
+        Array.Fill(model, ClusterHasher.ZeroDigest);
+        var random = new Random(7);
+        string first = dir.File("b1.qcow2.digests");
+        using (DigestManifestWriter w = DigestManifestWriter.Create(first, info, previous: null))
+        {
+            for (long c = 0; c < clusters; c++)
+            {
+                if (c % 3 == 0)
+                    continue; // holes: zeros
+                model[c] = new UInt128((ulong)random.NextInt64(), (ulong)c);
+                w.Write(c, model[c]);
+            }
+            w.Commit(info.PointInTime);
+        }
+        string second = dir.File("b2.qcow2.digests");
+        using (DigestManifest previous = DigestManifest.Open(first))
+        using (DigestManifestWriter w = DigestManifestWriter.Create(second, info with { BackupFile = "b2.qcow2" }, previous))
+        {
+            // scattered over every page, twice over (a page written out early is gathered again), the last cluster too
+            for (int i = 0; i < 2000; i++)
+            {
+                long c = i == 0 ? clusters - 1 : random.NextInt64(clusters);
+                model[c] = new UInt128((ulong)random.NextInt64(), (ulong)i);
+                w.Write(c, model[c]);
+            }
+            w.Commit(info.PointInTime);
+        }
+        foreach ((string path, bool isSecond) in new[] { (first, false), (second, true) })
+        {
+            using DigestManifest m = DigestManifest.Open(path);
+            var d = new UInt128[clusters];
+            m.ReadDigests(0, d);
+            if (isSecond)
+                Assert.Equal(model, d);
+            else
+                Assert.Equal(clusters - ((clusters + 2) / 3), d.Count(x => x != ClusterHasher.ZeroDigest));
+        }
+    }
+
+    [Fact]
     public void AFailedBackup_LeavesNoManifest_AndTheNextOneWritesItWhole()
     {
         using var f = new RawNodeFixture(4 << 20);

@@ -15,13 +15,33 @@ namespace BitmapBackup.Core.Digests;
  * The copy skips the holes of the previous manifest (clusters that read as zeros were never written), so a 1 TiB disk
  * holding a few MiB costs a few KiB of digests, not 256 MiB.
  * Either way the source is read once, by the copy itself.
+ *
+ * Digests are gathered in 4 KiB pages (256 clusters) and each page is written once: when it is whole, when more than
+ * MaxPendingPages are pending (the oldest goes), and at Commit. A
+ * page not whole is read first and overlaid, so the previous backup's digests around it stay. A scattered incremental
+ * of 819 clusters thus costs about 64 page writes, not 819 16-byte ones; memory stays under 1 MiB whatever the disk.
  */
 
 /// <summary>The manifest of a backup being taken.</summary>
 public sealed class DigestManifestWriter : IDisposable
 {
+    private const int PageBytes = 4096;
+    private const int DigestsPerPage = PageBytes / DigestManifest.DigestSize;
+    private const int MaxPendingPages = 192;
+
     private readonly SafeFileHandle _handle;
+    private readonly Lock _pagesLock = new();
+    private readonly Dictionary<long, Page> _pages = [];
+    private readonly Queue<long> _pageOrder = new();
     private bool _done;
+
+    /// <summary>A manifest page being gathered: its bytes and which of its digests were written.</summary>
+    private sealed class Page
+    {
+        public readonly byte[] Bytes = new byte[PageBytes];
+        public readonly ulong[] Filled = new ulong[DigestsPerPage / 64];
+        public int Count;
+    }
 
     private DigestManifestWriter(string path, string tempPath, SafeFileHandle handle, DigestManifestInfo info)
     {
@@ -75,24 +95,105 @@ public sealed class DigestManifestWriter : IDisposable
         }
     }
 
-    /// <summary>Record the digest of a cluster as copied (thread-safe: positional writes).</summary>
+    /// <summary>Record the digest of a cluster as copied (thread-safe; written by pages, at the latest at <see cref="Commit"/>).</summary>
     public void Write(long cluster, UInt128 digest)
     {
-        Span<byte> bytes = stackalloc byte[DigestManifest.DigestSize];
-        BinaryPrimitives.WriteUInt128BigEndian(bytes, digest);
-        try
+        long pageIndex = cluster / DigestsPerPage;
+        int slot = (int)(cluster % DigestsPerPage);
+        lock (_pagesLock)
         {
-            RandomAccess.Write(_handle, bytes, DigestManifest.HeaderSize + (cluster * DigestManifest.DigestSize));
+            if (!_pages.TryGetValue(pageIndex, out Page? page))
+            {
+                if (_pages.Count >= MaxPendingPages)
+                    FlushOldestLocked();
+                page = new Page();
+                _pages.Add(pageIndex, page);
+                _pageOrder.Enqueue(pageIndex);
+            }
+            BinaryPrimitives.WriteUInt128BigEndian(page.Bytes.AsSpan(slot * DigestManifest.DigestSize, DigestManifest.DigestSize), digest);
+            ref ulong word = ref page.Filled[slot >> 6];
+            ulong bit = 1UL << (slot & 63);
+            if ((word & bit) == 0)
+            {
+                word |= bit;
+                page.Count++;
+            }
+            if (page.Count == Math.Min(DigestsPerPage, Info.ClusterCount - (pageIndex * DigestsPerPage)))
+            {
+                _pages.Remove(pageIndex);
+                WritePage(pageIndex, page);
+                while (_pageOrder.TryPeek(out long head) && !_pages.ContainsKey(head))
+                    _pageOrder.Dequeue(); // pages written whole leave the queue (a full backup's go in order)
+            }
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+    }
+
+    private void FlushOldestLocked()
+    {
+        while (_pageOrder.TryDequeue(out long index))
         {
-            throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError, $"Cannot write digest manifest '{TempPath}': {e.Message}", TempPath, e);
+            if (_pages.Remove(index, out Page? page))
+            {
+                WritePage(index, page);
+                return;
+            }
         }
+    }
+
+    /// <summary>
+    /// Write every digest still gathered and make the file durable, before the backup commits: a full disk then fails
+    /// the backup (which can still be undone), not the manifest of a backup already named.
+    /// </summary>
+    public void WriteOut()
+    {
+        FlushPages();
+        Io(() => RandomAccess.FlushToDisk(_handle));
+    }
+
+    /// <summary>Write every page still gathered.</summary>
+    private void FlushPages()
+    {
+        lock (_pagesLock)
+        {
+            foreach ((long index, Page page) in _pages.OrderBy(p => p.Key))
+                WritePage(index, page);
+            _pages.Clear();
+            _pageOrder.Clear();
+        }
+    }
+
+    private void WritePage(long index, Page page)
+    {
+        long offset = DigestManifest.HeaderSize + (index * PageBytes);
+        long fileEnd = DigestManifest.HeaderSize + (Info.ClusterCount * DigestManifest.DigestSize);
+        int length = (int)Math.Min(PageBytes, fileEnd - offset);
+        Io(() =>
+        {
+            if (page.Count < length / DigestManifest.DigestSize)
+            {
+                // Not whole: keep what the file holds (the previous backup's digests) where this backup wrote nothing.
+                byte[] old = new byte[length];
+                int read = RandomAccess.Read(_handle, old, offset);
+                for (int slot = 0; slot < length / DigestManifest.DigestSize; slot++)
+                {
+                    if ((page.Filled[slot >> 6] & (1UL << (slot & 63))) == 0)
+                    {
+                        Span<byte> target = page.Bytes.AsSpan(slot * DigestManifest.DigestSize, DigestManifest.DigestSize);
+                        if ((slot + 1) * DigestManifest.DigestSize <= read)
+                            old.AsSpan(slot * DigestManifest.DigestSize, DigestManifest.DigestSize).CopyTo(target);
+                        else
+                            target.Clear();
+                    }
+                }
+            }
+            RandomAccess.Write(_handle, page.Bytes.AsSpan(0, length), offset);
+        });
     }
 
     /// <summary>The backup has committed: stamp its point in time, make the manifest durable and give it its name.</summary>
     public void Commit(DateTimeOffset pointInTime)
     {
+        FlushPages();
         byte[] header = DigestManifest.FormatHeader(Info with { PointInTime = pointInTime });
         Io(() => RandomAccess.Write(_handle, header, 0));
         Io(() => RandomAccess.FlushToDisk(_handle));

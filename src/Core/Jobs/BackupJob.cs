@@ -594,6 +594,7 @@ public sealed class BackupJob
             try
             {
                 _target.Prepare();
+                _digests?.WriteOut(); // the manifest's last digests: a full disk fails (or pauses) the backup, not its manifest
                 return null;
             }
             catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
@@ -659,7 +660,15 @@ public sealed class BackupJob
     {
         if (_digests is null)
             return;
-        _digests.Commit(PointInTime);
+        try
+        {
+            _digests.Commit(PointInTime);
+        }
+        catch
+        {
+            _digests.Dispose(); // no half-written manifest stays behind
+            throw;
+        }
         if (_spec.Bitmap is { } bitmap && _spec.BitmapMode != BitmapSyncMode.Never)
             ManifestIndex.Record(Source.Path, bitmap.Name!, _digests.Path);
     }

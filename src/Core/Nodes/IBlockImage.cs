@@ -46,4 +46,12 @@ public interface IBlockImage : IDisposable
     /// it reads afterwards is the format's to say; by default the range is zeroed, deallocating where it can.
     /// </summary>
     void Discard(long offset, long length) => WriteZeroes(offset, length);
+
+    /// <summary>
+    /// Start writing what was written so far to the disk, without waiting, so that the next <see cref="Flush"/> waits
+    /// less (a backup target's copy does this as it goes, overlapping the disk's work with its own). A hint only.
+    /// </summary>
+    void StartWriteback()
+    {
+    }
 }

@@ -177,6 +177,20 @@ internal sealed class Qcow2File : IDisposable
             SyncNow();
     }
 
+    /// <summary>Start writing what was written so far to the disk, without waiting (<see cref="LinuxFile.StartWriteback"/>).</summary>
+    public void StartWriteback()
+    {
+        SafeFileHandle handle = Enter();
+        try
+        {
+            LinuxFile.StartWriteback(handle);
+        }
+        finally
+        {
+            Exit();
+        }
+    }
+
     /// <summary>A durability point (fdatasync): everything written so far is durable when this returns.</summary>
     public void SyncNow()
     {

@@ -73,6 +73,9 @@ public sealed partial class Qcow2Image
             "read what can be read (reads of the damaged clusters fail), then repair it with 'qemu-img check -r all'.", cause.Target, cause);
     }
 
+    /// <summary>Start the file's writeback without waiting (a hint; the metadata still goes at <see cref="Flush"/>).</summary>
+    public void StartWriteback() => _file.StartWriteback();
+
     public void Flush()
     {
         lock (_sync)

@@ -173,6 +173,9 @@ public sealed class RawImage : IBlockImage
         }
     }
 
+    /// <summary>Start the file's writeback without waiting (a hint).</summary>
+    public void StartWriteback() => LinuxFile.StartWriteback(_handle);
+
     public void Flush()
     {
         Observer?.Invoke(-1, null);
