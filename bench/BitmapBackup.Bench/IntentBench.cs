@@ -56,6 +56,12 @@ public static class IntentBench
     /// </summary>
     private static void CrashRead(TextWriter output, TempFolder dir)
     {
+        CrashRead(output, dir, 160, anywhere: false);
+        CrashRead(output, dir, (int)(64 * GiB / 100 / 65536), anywhere: true); // the case: 1 % of the 64 GiB node
+    }
+
+    private static void CrashRead(TextWriter output, TempFolder dir, int writes, bool anywhere)
+    {
         const long size = 64 * GiB;
         string path = dir.File("crash.img");
         string full = dir.File("crash-full.qcow2");
@@ -79,9 +85,11 @@ public static class IntentBench
             node.GetBitmap("plain").Clear(); // both start from the full backup's point in time (nothing wrote since)
             byte[] small = new byte[65536];
             var regions = new HashSet<long>();
-            for (int i = 0; i < 160; i++)
+            for (int i = 0; i < writes; i++)
             {
-                long offset = (random.NextInt64(size / (64 * MiB)) * 64 * MiB) + (random.Next(16) * 65536);
+                long offset = anywhere
+                    ? random.NextInt64(size / 65536) * 65536 // scattered over the whole node, holes included
+                    : (random.NextInt64(size / (64 * MiB)) * 64 * MiB) + (random.Next(16) * 65536); // into the data
                 FillRandom(random, small);
                 node.Write(offset, small);
                 regions.Add(offset / node.IntentRegionSize);
@@ -107,8 +115,9 @@ public static class IntentBench
             after.Close(reopened);
 
             long writtenRegions = regions.Count * WriteIntentLogRegion(reopened);
-            output.WriteLine("   -- after a kill -9: 64 GiB sparse raw node, 1 GiB of data, 160 scattered 64 KiB writes (10 MiB) since the last backup");
-            output.WriteLine("   {0,-52} {1,10} MiB", "written", Mib(160 * 65536L));
+            output.WriteLine("   -- after a kill -9: 64 GiB sparse raw node, 1 GiB of data, {0:N0} scattered 64 KiB writes ({1} MiB{2}) since the last backup",
+                writes, Mib(writes * 65536L), anywhere ? ", 1 % of the node, anywhere in it" : ", into the data");
+            output.WriteLine("   {0,-52} {1,10} MiB", "written", Mib(writes * 65536L));
             output.WriteLine("   {0,-52} {1,10} MiB ({2} regions of {3} KiB)", "regions written", Mib(writtenRegions), regions.Count, WriteIntentLogRegion(reopened) / 1024);
             output.WriteLine("   {0,-52} {1,10} MiB (Recovered {2}; the plain bitmap: Inconsistent {3})", "crash-safe bitmap after recovery", Mib(marked), recovered, inconsistent);
             output.WriteLine("   {0,-52} {1,10} MiB read in {2} s; goal <= 2x regions written {3}", "incremental from the recovered bitmap", Mib(inc.BytesRead), F(incSeconds),
