@@ -207,6 +207,38 @@ Start-Sleep -Seconds 120
         (Get-BlockNode lo).Bitmaps | Should -BeNullOrEmpty
     }
 
+    It 'keeps a crash-safe bitmap''s write-intent log in the state folder (nothing in /dev), and recovers it after kill -9' {
+        $marker = Join-Path $dir 'ready'
+        $child = Start-FaultChild -Directory $dir -Name killed -Script @"
+`$null = Open-BlockNode -Path '$dev' -Name lo
+`$null = New-DirtyBitmap -Node lo -Name safe -Persistent -CrashSafe
+`$null = New-DirtyBitmap -Node lo -Name plain -Persistent
+Write-BlockNode -Node lo -Offset 3MB -Pattern 1 -Length 64KB
+Write-BlockNode -Node lo -Offset 40MB -Pattern 2 -Length 100KB
+Set-Content -Path '$marker' -Value ready
+Start-Sleep -Seconds 120
+"@
+        try { Wait-FaultFile -Path $marker -Process $child | Should -BeTrue -Because (Get-Content -Raw $child.Err -ErrorAction SilentlyContinue) }
+        finally { Stop-FaultChild $child }
+        $logs = @(Get-ChildItem (Join-Path $script:stateHome 'bitmaps') -Filter '*.intent')
+        $logs.Count | Should -Be 1 -Because 'the log sits beside the device''s bitmaps in the state folder'
+        @(Get-ChildItem /dev -Filter "$(Split-Path -Leaf $dev)*" | Where-Object Name -Like '*.intent').Count | Should -Be 0
+        $stored = @(Get-DirtyBitmap -Path $dev | Sort-Object Name)
+        $stored.Name | Should -Be @('plain', 'safe')
+        $stored.Recoverable | Should -Be @($false, $true)
+        $null = Open-BlockNode -Path $dev -Name lo -WarningVariable w -WarningAction SilentlyContinue
+        "$w" | Should -BeLike "*Bitmap 'safe'*recovered from its write-intent log*"
+        $safe = Get-DirtyBitmap -Node lo -Name safe
+        $safe.Inconsistent | Should -BeFalse
+        $safe.Recovered | Should -BeTrue
+        $ranges = @(Get-DirtyBitmapRange -Node lo -Name safe)
+        foreach ($written in @(@(3MB, 64KB), @(40MB, 100KB))) {
+            @($ranges | Where-Object { $_.Offset -le $written[0] -and $written[0] + $written[1] -le $_.Offset + $_.Length }).Count |
+                Should -Be 1 -Because "the write at $($written[0]) is covered"
+        }
+        (Get-DirtyBitmap -Node lo -Name plain).Inconsistent | Should -BeTrue
+    }
+
     It 'resizes a stored bitmap when the device grew while closed, the new range dirty' {
         $null = Open-BlockNode -Path $dev -Name lo
         $null = New-DirtyBitmap -Node lo -Name pers -Persistent

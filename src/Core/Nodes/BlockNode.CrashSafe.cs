@@ -275,7 +275,7 @@ public sealed partial class BlockNode
     private void RebuildIntentLogLocked(DirtyBitmap? extra = null)
     {
         IntentCheckpoint checkpoint = BuildCheckpoint(_generation + 1, clean: false, extra);
-        WriteIntentLog fresh = WriteIntentLog.Create(Path, Size, IntentRegionSize, checkpoint, CrashSafeShapes(extra), OnFirstTouch, IntentObserver);
+        WriteIntentLog fresh = WriteIntentLog.Create(IntentLogPath, Path, Size, IntentRegionSize, checkpoint, CrashSafeShapes(extra), OnFirstTouch, IntentObserver);
         _generation = checkpoint.Generation;
         WriteIntentLog? old = Volatile.Read(ref _intent);
         Volatile.Write(ref _intent, fresh);
@@ -600,7 +600,7 @@ public sealed partial class BlockNode
             }
             IntentCheckpoint clean = BuildCheckpoint(++_generation, clean: true);
             if (log is null)
-                log = WriteIntentLog.Create(Path, Size, IntentRegionSize, clean, CrashSafeShapes(), () => { }, IntentObserver);
+                log = WriteIntentLog.Create(IntentLogPath, Path, Size, IntentRegionSize, clean, CrashSafeShapes(), () => { }, IntentObserver);
             log.Close(clean);
         }
         catch (BlockException)

@@ -102,14 +102,14 @@ internal sealed class WriteIntentLog : IDisposable
     #region Creation
 
     /// <summary>
-    /// Write a new log for <paramref name="imagePath"/> beside it: header, empty intent blocks, <paramref name="checkpoint"/>
-    /// in its slot; durable, then renamed over any old log (and the folder synced). The blocks are allocated, so that
+    /// Write a new log for <paramref name="imagePath"/> at <paramref name="path"/> (beside the image, or in the bitmap
+    /// state folder for a block device): header, empty intent blocks, <paramref name="checkpoint"/> in its slot; durable,
+    /// then renamed over any old log (and the folder synced). The blocks are allocated, so that
     /// writing them later needs no free space. Throws BlockException (ImageIOFailed) naming the log; nothing is left behind.
     /// </summary>
-    public static WriteIntentLog Create(string imagePath, long nodeSize, long regionSize, IntentCheckpoint checkpoint, IEnumerable<(string Name, long Granularity)> capacityFor,
+    public static WriteIntentLog Create(string path, string imagePath, long nodeSize, long regionSize, IntentCheckpoint checkpoint, IEnumerable<(string Name, long Granularity)> capacityFor,
         Action firstTouch, Action<long, byte[]?>? observer = null)
     {
-        string path = imagePath + Suffix;
         string temp = path + ".tmp";
         long need = IntentLogFormat.MaxSlotBytes(nodeSize, capacityFor);
         long capacity = (need + IntentLogLayout.BlockSize - 1) / IntentLogLayout.BlockSize * IntentLogLayout.BlockSize;
