@@ -137,6 +137,20 @@ Describe 'Merge-BackupChain -Keep' -Skip:$NoQemu {
         $r.ImagesAfter | Should -Be 2
         $null = Assert-ChainSound -Chain $chain
     }
+
+    It 'takes a top whose name has wildcard characters with -LiteralPath, and from Get-Item (PSPath binds there)' {
+        $chain = New-TestBackupChain -Dir (New-TestDirectory) -Count 4
+        $literal = Join-Path $chain.Dir 'top[1].qcow2'
+        Move-Item -LiteralPath $chain.Top -Destination $literal
+        if (Test-Path -LiteralPath "$($chain.Top).digests") { Move-Item -LiteralPath "$($chain.Top).digests" -Destination "$literal.digests" }
+        $r = Get-Item -LiteralPath $literal | Merge-BackupChain -Keep 3 -Wait -Confirm:$false
+        $r.Path | Should -Be $literal
+        $r.ImagesAfter | Should -Be 3
+        $r = Merge-BackupChain -LiteralPath $literal -Keep 2 -Wait -Confirm:$false
+        $r.ImagesAfter | Should -Be 2
+        @(Get-BackupChain -LiteralPath $literal).Count | Should -Be 2
+        (Invoke-QemuImg check $literal).ExitCode | Should -Be 0
+    }
 }
 
 Describe 'Merge-BackupChain -Into' -Skip:$NoQemu {

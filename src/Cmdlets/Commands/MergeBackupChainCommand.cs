@@ -15,22 +15,34 @@ public sealed class MergeBackupChainCommand : BitmapBackupCmdlet
 {
     private const string KeepSet = "Keep";
     private const string IntoSet = "Into";
+    private const string KeepLiteralSet = "KeepLiteralPath";
+    private const string IntoLiteralSet = "IntoLiteralPath";
     private ChainMerge? _waitingFor;
 
     #region Parameters
 
-    /// <summary>The top image of the chain (the newest backup).</summary>
-    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true)]
-    [Alias("PSPath", "FullName", "Target")]
+    /// <summary>The top image of the chain (the newest backup); wildcards allowed, they must match one file.</summary>
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true, ParameterSetName = KeepSet)]
+    [Parameter(Mandatory = true, Position = 0, ValueFromPipeline = true, ValueFromPipelineByPropertyName = true, ParameterSetName = IntoSet)]
+    [SupportsWildcards]
     [ValidateNotNullOrEmpty]
     public string Path { get; set; } = null!;
 
+    /// <summary>The top image of the chain, taken as it is (no wildcards); Get-ChildItem's and a backup's output bind here.</summary>
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = KeepLiteralSet)]
+    [Parameter(Mandatory = true, ValueFromPipelineByPropertyName = true, ParameterSetName = IntoLiteralSet)]
+    [Alias("PSPath", "LP", "FullName", "Target")]
+    [ValidateNotNullOrEmpty]
+    public string LiteralPath { get; set; } = null!;
+
     /// <summary>Keep at most this many images: the oldest are merged into one standalone image (1 flattens the chain into its top).</summary>
     [Parameter(Mandatory = true, ParameterSetName = KeepSet)]
+    [Parameter(Mandatory = true, ParameterSetName = KeepLiteralSet)]
     public int Keep { get; set; }
 
     /// <summary>Flatten the chain into this new standalone image (a synthetic full); the chain stays as it is.</summary>
     [Parameter(Mandatory = true, ParameterSetName = IntoSet)]
+    [Parameter(Mandatory = true, ParameterSetName = IntoLiteralSet)]
     [ValidateNotNullOrEmpty]
     public string Into { get; set; } = null!;
 
@@ -53,8 +65,9 @@ public sealed class MergeBackupChainCommand : BitmapBackupCmdlet
 
     protected override void ProcessRecord()
     {
-        string path = ResolveSingleFile(Path, literal: false);
-        string? into = ParameterSetName == IntoSet ? ResolveFilePath(Into) : null;
+        bool literal = ParameterSetName is KeepLiteralSet or IntoLiteralSet;
+        string path = ResolveSingleFile(literal ? LiteralPath : Path, literal);
+        string? into = ParameterSetName is IntoSet or IntoLiteralSet ? ResolveFilePath(Into) : null;
         string action = into is null
             ? $"Merge the oldest images of the chain so that it keeps at most {Keep} (older images and their manifests are deleted)"
             : $"Flatten the chain into the new image '{into}'";
