@@ -141,14 +141,10 @@ public sealed class DigestManifestWriter : IDisposable
     }
 
     /// <summary>
-    /// Write every digest still gathered and make the file durable, before the backup commits: a full disk then fails
-    /// the backup (which can still be undone), not the manifest of a backup already named.
+    /// Write every digest still gathered, before the backup commits: a full disk then fails the backup (which can still
+    /// be undone), not the manifest of a backup already named. <see cref="Commit"/> makes it durable.
     /// </summary>
-    public void WriteOut()
-    {
-        FlushPages();
-        Io(() => RandomAccess.FlushToDisk(_handle));
-    }
+    public void WriteOut() => FlushPages();
 
     /// <summary>Write every page still gathered.</summary>
     private void FlushPages()
