@@ -155,7 +155,7 @@ Close-BlockNode -Node vm
         Get-Value $use.Output 'commands' | Should -Be ([string]@((Import-PowerShellDataFile (Get-BitmapBackupModulePath)).CmdletsToExport).Count)
         Get-Value $use.Output 'synopsis' | Should -Be (Get-Help Merge-BackupChain).Synopsis
         [int](Get-Value $use.Output 'examples') | Should -BeGreaterOrEqual 3
-        Get-Value $use.Output 'help parameters' | Should -Be 'BytesPerSecond,Confirm,Into,JobName,Keep,Path,Wait,WhatIf'
+        Get-Value $use.Output 'help parameters' | Should -Be 'BytesPerSecond,Confirm,Into,JobName,Keep,LiteralPath,Path,Wait,WhatIf'
         Get-Value $use.Output 'manifest' | Should -Be 'full.qcow2.digests'
         Get-Value $use.Output 'picture' | Should -Be '|    ▂   |'
         Get-Value $use.Output 'verified' | Should -Be 'True'
