@@ -79,7 +79,7 @@ public sealed class DigestManifestWriter : IDisposable
         var writer = new DigestManifestWriter(full, temp, handle, info);
         try
         {
-            writer.Io(() =>
+            writer.Io("write", () =>
             {
                 RandomAccess.SetLength(handle, DigestManifest.HeaderSize + (info.ClusterCount * DigestManifest.DigestSize)); // a grown disk's new clusters: zeros
                 if (previous is not null)
@@ -120,8 +120,8 @@ public sealed class DigestManifestWriter : IDisposable
             }
             if (page.Count == Math.Min(DigestsPerPage, Info.ClusterCount - (pageIndex * DigestsPerPage)))
             {
+                WritePage(pageIndex, page); // a page that fails stays gathered: the next write or flush tries it again
                 _pages.Remove(pageIndex);
-                WritePage(pageIndex, page);
                 while (_pageOrder.TryPeek(out long head) && !_pages.ContainsKey(head))
                     _pageOrder.Dequeue(); // pages written whole leave the queue (a full backup's go in order)
             }
@@ -130,13 +130,16 @@ public sealed class DigestManifestWriter : IDisposable
 
     private void FlushOldestLocked()
     {
-        while (_pageOrder.TryDequeue(out long index))
+        while (_pageOrder.TryPeek(out long index))
         {
-            if (_pages.Remove(index, out Page? page))
+            if (_pages.TryGetValue(index, out Page? page))
             {
-                WritePage(index, page);
+                WritePage(index, page); // a failure leaves it gathered and first in line
+                _pages.Remove(index);
+                _pageOrder.Dequeue();
                 return;
             }
+            _pageOrder.Dequeue();
         }
     }
 
@@ -151,9 +154,11 @@ public sealed class DigestManifestWriter : IDisposable
     {
         lock (_pagesLock)
         {
-            foreach ((long index, Page page) in _pages.OrderBy(p => p.Key))
-                WritePage(index, page);
-            _pages.Clear();
+            foreach ((long index, Page page) in _pages.OrderBy(p => p.Key).ToArray())
+            {
+                WritePage(index, page); // a failure leaves this page and the rest gathered, for the retry
+                _pages.Remove(index);
+            }
             _pageOrder.Clear();
         }
     }
@@ -163,7 +168,7 @@ public sealed class DigestManifestWriter : IDisposable
         long offset = DigestManifest.HeaderSize + (index * PageBytes);
         long fileEnd = DigestManifest.HeaderSize + (Info.ClusterCount * DigestManifest.DigestSize);
         int length = (int)Math.Min(PageBytes, fileEnd - offset);
-        Io(() =>
+        Io($"write at offset {offset}", () =>
         {
             if (page.Count < length / DigestManifest.DigestSize)
             {
@@ -191,10 +196,10 @@ public sealed class DigestManifestWriter : IDisposable
     {
         FlushPages();
         byte[] header = DigestManifest.FormatHeader(Info with { PointInTime = pointInTime });
-        Io(() => RandomAccess.Write(_handle, header, 0));
-        Io(() => RandomAccess.FlushToDisk(_handle));
+        Io("write at offset 0", () => RandomAccess.Write(_handle, header, 0));
+        Io("flush", () => RandomAccess.FlushToDisk(_handle));
         _handle.Dispose();
-        Io(() => File.Move(TempPath, Path, overwrite: true));
+        Io("rename", () => File.Move(TempPath, Path, overwrite: true));
         _done = true;
         IO.LinuxFile.TrySyncDirectory(System.IO.Path.GetDirectoryName(Path)!);
     }
@@ -215,7 +220,8 @@ public sealed class DigestManifestWriter : IDisposable
         }
     }
 
-    private void Io(Action action)
+    /// <summary>Run a file operation; its failure is ImageIOFailed, worded as the image drivers word theirs ("during &lt;op&gt;").</summary>
+    private void Io(string operation, Action action)
     {
         try
         {
@@ -223,7 +229,8 @@ public sealed class DigestManifestWriter : IDisposable
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError, $"Cannot write digest manifest '{TempPath}': {e.Message}", TempPath, e);
+            throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
+                $"I/O error on digest manifest '{TempPath}' during {operation}: {e.Message}", TempPath, e);
         }
     }
 }

@@ -285,11 +285,11 @@ internal sealed class BlockCopier : IWriteInterceptor
             switch (extent.State)
             {
                 case AllocationState.Unallocated when _policy.SkipUnallocated:
-                    hasher?.Zeros(extent.Offset, extent.Length);
+                    Digest(() => hasher?.Zeros(extent.Offset, extent.Length));
                     break;
                 case AllocationState.Zero:
                     WriteZeroes(extent.Offset, extent.Length);
-                    hasher?.Zeros(extent.Offset, extent.Length);
+                    Digest(() => hasher?.Zeros(extent.Offset, extent.Length));
                     break;
                 default:
                     CopyData(extent.Offset, extent.Length, hasher);
@@ -323,7 +323,8 @@ internal sealed class BlockCopier : IWriteInterceptor
                 {
                     throw new CopyFailedException(sourceSide: true, e);
                 }
-                hasher?.Data(offset + done, data);
+                if (hasher is not null)
+                    Digest(hasher, offset + done, data);
                 bool zeros = (zerosAsZeroes || _policy.ZeroesAsZeroClusters || offset + done + n > _policy.ZeroFrom) && !data.ContainsAnyExcept((byte)0);
                 if (zeros)
                 {
@@ -342,6 +343,34 @@ internal sealed class BlockCopier : IWriteInterceptor
             ArrayPool<byte>.Shared.Return(buffer);
         }
         return written;
+    }
+
+    /// <summary>
+    /// The digest manifest is written beside the target, on the target's file system: its failure (a full disk) is a
+    /// failure of the target side, under -OnTargetError like a data write, and the run is copied again.
+    /// </summary>
+    private static void Digest(Action record)
+    {
+        try
+        {
+            record();
+        }
+        catch (BlockException e)
+        {
+            throw new CopyFailedException(sourceSide: false, e);
+        }
+    }
+
+    private static void Digest(Digests.ClusterHasher hasher, long offset, ReadOnlySpan<byte> data)
+    {
+        try
+        {
+            hasher.Data(offset, data);
+        }
+        catch (BlockException e)
+        {
+            throw new CopyFailedException(sourceSide: false, e);
+        }
     }
 
     private void WriteData(long offset, ReadOnlySpan<byte> data)

@@ -22,7 +22,19 @@ public static class QemuImg
         => Assert.SkipUnless(Available, "qemu-img and qemu-io are needed as the qcow2 oracle (install qemu-utils).");
 
     /// <summary>Run qemu-img with <paramref name="args"/>.</summary>
-    public static QemuResult Run(params string[] args) => Exec(QemuImgPath.Value ?? "qemu-img", args);
+    /// <remarks>
+    /// Creating a LUKS-encrypted image times PBKDF2 with the thread's CPU clock, and QEMU gives up with "Unable to get
+    /// accurate CPU usage" when a round measures 0 ms (a coarse clock on a busy machine); that run is retried, twice at most.
+    /// </remarks>
+    public static QemuResult Run(params string[] args)
+    {
+        for (int attempt = 1; ; attempt++)
+        {
+            QemuResult result = Exec(QemuImgPath.Value ?? "qemu-img", args);
+            if (result.ExitCode == 0 || attempt == 3 || !result.Stderr.Contains("Unable to get accurate CPU usage", StringComparison.Ordinal))
+                return result;
+        }
+    }
 
     /// <summary>Run qemu-io with <paramref name="args"/>.</summary>
     public static QemuResult Io(params string[] args) => Exec(QemuIoPath.Value ?? "qemu-io", args);
