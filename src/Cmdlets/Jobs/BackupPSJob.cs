@@ -138,7 +138,7 @@ public sealed class BackupPSJob : Job2
         SetState(JobState.Failed, error);
     }
 
-    public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
+    public override void StopJobAsync() => JobVerbs.RunAsync(StopJob, OnStopJobCompleted);
 
     public override void StopJob(bool force, string reason) => StopJob();
 
@@ -150,7 +150,7 @@ public sealed class BackupPSJob : Job2
         Backup.Pause();
     }
 
-    public override void SuspendJobAsync() => RunAsync(SuspendJob, OnSuspendJobCompleted);
+    public override void SuspendJobAsync() => JobVerbs.RunAsync(SuspendJob, OnSuspendJobCompleted);
 
     public override void SuspendJob(bool force, string reason) => SuspendJob();
 
@@ -162,26 +162,7 @@ public sealed class BackupPSJob : Job2
         Backup.Resume();
     }
 
-    public override void ResumeJobAsync() => RunAsync(ResumeJob, OnResumeJobCompleted);
-
-    /// <summary>
-    /// Run a verb on the thread pool and always raise its completion event (without it Stop-Job and
-    /// Remove-Job -Force wait forever).
-    /// </summary>
-    private static void RunAsync(Action verb, Action<AsyncCompletedEventArgs> completed)
-        => Task.Run(() =>
-        {
-            Exception? error = null;
-            try
-            {
-                verb();
-            }
-            catch (Exception e)
-            {
-                error = e;
-            }
-            completed(new AsyncCompletedEventArgs(error, false, null));
-        });
+    public override void ResumeJobAsync() => JobVerbs.RunAsync(ResumeJob, OnResumeJobCompleted);
 
     public override void UnblockJob() => throw new NotSupportedException("Backup jobs never block.");
 

@@ -106,7 +106,7 @@ public sealed class MergePSJob : Job2
         SetJobState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Conclude)
     }
 
-    public override void StopJobAsync() => RunAsync(StopJob, OnStopJobCompleted);
+    public override void StopJobAsync() => JobVerbs.RunAsync(StopJob, OnStopJobCompleted);
 
     public override void StopJob(bool force, string reason) => StopJob();
 
@@ -127,22 +127,6 @@ public sealed class MergePSJob : Job2
     public override void UnblockJob() => throw new NotSupportedException("Merge jobs never block.");
 
     public override void UnblockJobAsync() => throw new NotSupportedException("Merge jobs never block.");
-
-    /// <summary>Run a verb on the thread pool and always raise its completion event (without it Stop-Job waits forever).</summary>
-    private static void RunAsync(Action verb, Action<AsyncCompletedEventArgs> completed)
-        => Task.Run(() =>
-        {
-            Exception? error = null;
-            try
-            {
-                verb();
-            }
-            catch (Exception e)
-            {
-                error = e;
-            }
-            completed(new AsyncCompletedEventArgs(error, false, null));
-        });
 
     private void Conclude(ChainMerge merge)
     {

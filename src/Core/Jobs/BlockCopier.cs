@@ -285,11 +285,11 @@ internal sealed class BlockCopier : IWriteInterceptor
             switch (extent.State)
             {
                 case AllocationState.Unallocated when _policy.SkipUnallocated:
-                    Digest(() => hasher?.Zeros(extent.Offset, extent.Length));
+                    DigestZeros(hasher, extent.Offset, extent.Length);
                     break;
                 case AllocationState.Zero:
                     WriteZeroes(extent.Offset, extent.Length);
-                    Digest(() => hasher?.Zeros(extent.Offset, extent.Length));
+                    DigestZeros(hasher, extent.Offset, extent.Length);
                     break;
                 default:
                     CopyData(extent.Offset, extent.Length, hasher);
@@ -349,11 +349,11 @@ internal sealed class BlockCopier : IWriteInterceptor
     /// The digest manifest is written beside the target, on the target's file system: its failure (a full disk) is a
     /// failure of the target side, under -OnTargetError like a data write, and the run is copied again.
     /// </summary>
-    private static void Digest(Action record)
+    private static void DigestZeros(Digests.ClusterHasher? hasher, long offset, long length)
     {
         try
         {
-            record();
+            hasher?.Zeros(offset, length);
         }
         catch (BlockException e)
         {

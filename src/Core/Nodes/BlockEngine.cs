@@ -161,21 +161,11 @@ public sealed class BlockEngine
         if (StoreFor(image, bitmapStore) is not { } store)
             return [];
         IReadOnlyList<StoredBitmap> stored = store.Load();
-        string logPath = BlockNode.IntentLogPathFor(fullPath, store);
-        if (!File.Exists(logPath))
+        // As the next open reads it (BlockNode.LoadOne): listed in the log's checkpoint = crash-safe; left in use with a
+        // log that can be trusted = rebuilt at the next open, not inconsistent.
+        if (IntentLogReader.Read(BlockNode.IntentLogPathFor(fullPath, store), IO.FileIdentity.Of(fullPath), image.Size, readOnly: true, forceShare) is not { } log)
             return stored;
-        // As the next open would read it (BlockNode.LoadOne): listed in the log's checkpoint = crash-safe; left in use
-        // with a log that can be trusted = recovered at the next open, not inconsistent.
-        IntentLogContents? log = IntentLogReader.Read(logPath, IO.FileIdentity.Of(fullPath), image.Size, readOnly: true, forceShare);
-        return stored.Select(s =>
-        {
-            IntentCheckpointEntry? entry = log?.Checkpoint?.Find(s.Name) is { } e && e.Granularity == s.Granularity ? e : null;
-            return s with
-            {
-                CrashSafe = entry is not null,
-                Recoverable = s.InUse && entry is not null && log!.CanRecover && !forceShare && !entry.Inconsistent,
-            };
-        }).ToArray();
+        return stored.Select(s => s with { CrashSafe = log.EntryFor(s) is not null, Recoverable = log.Rebuilds(s, forceShare) }).ToArray();
     }
 
     /// <summary>

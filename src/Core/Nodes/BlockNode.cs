@@ -540,9 +540,7 @@ public sealed partial class BlockNode : IDisposable
         if (Store is null)
             return;
         IReadOnlyList<StoredBitmap> stored = Store.Load();
-        IntentLogContents? log = File.Exists(IntentLogPath)
-            ? IntentLogReader.Read(IntentLogPath, IO.FileIdentity.Of(Path), Size, ReadOnly, forceShare)
-            : null;
+        IntentLogContents? log = IntentLogReader.Read(IntentLogPath, IO.FileIdentity.Of(Path), Size, ReadOnly, forceShare); // null: no log
         var notes = new List<string>();
         bool crashSafe;
         lock (Sync)

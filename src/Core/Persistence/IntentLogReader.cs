@@ -14,6 +14,17 @@ public sealed record IntentLogContents(string Path, IntentLogLayout? Layout, Int
 {
     /// <summary>Whether the checkpoint and the intent regions may be used to rebuild bitmaps left in use by a crash.</summary>
     public bool CanRecover => Problem is null && Checkpoint is { Clean: false } && Intent is not null;
+
+    /// <summary>The checkpoint's entry for a stored bitmap (same name and granularity): the bitmap is crash-safe; or null.</summary>
+    public IntentCheckpointEntry? EntryFor(StoredBitmap stored)
+        => Checkpoint?.Find(stored.Name) is { } e && e.Granularity == stored.Granularity ? e : null;
+
+    /// <summary>
+    /// Whether a stored bitmap left in use by a crash is rebuilt from this log at the next open (not loaded inconsistent):
+    /// the log lists it, can be trusted, and is not being written (<paramref name="forceShare"/>: its writer may run).
+    /// </summary>
+    public bool Rebuilds(StoredBitmap stored, bool forceShare)
+        => stored.InUse && !forceShare && CanRecover && EntryFor(stored) is { Inconsistent: false };
 }
 
 /// <summary>Reads a write-intent log and checks everything in it before any of it is trusted.</summary>
