@@ -315,3 +315,39 @@ Describe 'Set-DirtyBitmap -CrashSafe (an existing bitmap, its bits kept)' {
         (Get-DirtyBitmap -Node bz -Name b).CrashSafe | Should -BeFalse
     }
 }
+
+Describe 'Crash-safe bitmaps: where the log goes, and Set-DirtyBitmap in a transaction' {
+    BeforeEach {
+        $dir = New-TestDirectory
+        $env:BITMAPBACKUP_STATE_HOME = Join-Path $dir 'state'
+    }
+    AfterEach {
+        Close-TestNode
+        Remove-Item Env:BITMAPBACKUP_STATE_HOME -ErrorAction SilentlyContinue
+    }
+
+    It 'keeps the log of a raw file whose bitmaps are in a -BitmapStore folder beside them there, not beside the image' {
+        $path = New-TestImage -Directory $dir -Size 4MB
+        $store = Join-Path $dir 'store'
+        $null = Open-BlockNode -Path $path -Name st -BitmapStore $store
+        $null = New-DirtyBitmap -Node st -Name b -Persistent -CrashSafe
+        Test-Path "$path.intent" | Should -BeFalse
+        $logs = @(Get-ChildItem -Recurse -Path $store -Filter '*.intent')
+        $logs.Count | Should -Be 1
+        $logs[0].FullName | Should -Be "$((Get-BlockNode st).BitmapStore).intent"
+        Close-BlockNode st
+        (Get-DirtyBitmap -Path $path -BitmapStore $store).CrashSafe | Should -BeTrue -Because 'the reader looks where the writer wrote'
+    }
+
+    It 'acts at once inside Invoke-BitmapTransaction (it is not one of its actions)' {
+        $path = New-TestImage -Directory $dir -Size 4MB
+        $null = Open-BlockNode -Path $path -Name tx
+        $null = New-DirtyBitmap -Node tx -Name b -Persistent
+        Invoke-BitmapTransaction -Confirm:$false {
+            Set-DirtyBitmap -Node tx -Name b -CrashSafe -Confirm:$false
+            (Get-DirtyBitmap -Node tx -Name b).CrashSafe | Should -BeTrue -Because 'the change is made before the block goes on'
+        }
+        (Get-DirtyBitmap -Node tx -Name b).CrashSafe | Should -BeTrue
+        Test-Path "$path.intent" | Should -BeTrue
+    }
+}

@@ -275,7 +275,7 @@ public sealed partial class BlockNode
     private void RebuildIntentLogLocked(DirtyBitmap? extra = null)
     {
         IntentCheckpoint checkpoint = BuildCheckpoint(_generation + 1, clean: false, extra);
-        WriteIntentLog fresh = WriteIntentLog.Create(IntentLogPath, Path, Size, IntentRegionSize, checkpoint, CrashSafeShapes(extra), OnFirstTouch, IntentObserver);
+        WriteIntentLog fresh = CreateIntentLog(checkpoint, CrashSafeShapes(extra), OnFirstTouch);
         _generation = checkpoint.Generation;
         WriteIntentLog? old = Volatile.Read(ref _intent);
         Volatile.Write(ref _intent, fresh);
@@ -287,6 +287,16 @@ public sealed partial class BlockNode
         catch (BlockException)
         {
         }
+    }
+
+    /// <summary>
+    /// A new log at <see cref="IntentLogPath"/>. In a bitmap state folder the log may come before the first stored
+    /// bitmap, so the store's folder is made first.
+    /// </summary>
+    private WriteIntentLog CreateIntentLog(IntentCheckpoint checkpoint, IEnumerable<(string, long)> shapes, Action firstTouch)
+    {
+        (Store as StateFolderBitmapStore)?.EnsureFolder();
+        return WriteIntentLog.Create(IntentLogPath, Path, Size, IntentRegionSize, checkpoint, shapes, firstTouch, IntentObserver);
     }
 
     /// <summary>
@@ -493,8 +503,8 @@ public sealed partial class BlockNode
     /// </summary>
     private DirtyBitmap LoadOne(StoredBitmap stored, IntentLogContents? log, bool forceShare, List<string> notes)
     {
-        IntentCheckpointEntry? entry = log?.Checkpoint?.Find(stored.Name) is { } e && e.Granularity == stored.Granularity ? e : null;
-        if (stored.InUse && entry is not null && log!.CanRecover && !forceShare && !entry.Inconsistent)
+        IntentCheckpointEntry? entry = log?.EntryFor(stored);
+        if (log is not null && entry is not null && log.Rebuilds(stored, forceShare))
         {
             var recovered = new DirtyBitmap(this, stored.Name, stored.Granularity, disabled: !entry.Recording, persistent: true)
             {
@@ -600,7 +610,7 @@ public sealed partial class BlockNode
             }
             IntentCheckpoint clean = BuildCheckpoint(++_generation, clean: true);
             if (log is null)
-                log = WriteIntentLog.Create(IntentLogPath, Path, Size, IntentRegionSize, clean, CrashSafeShapes(), () => { }, IntentObserver);
+                log = CreateIntentLog(clean, CrashSafeShapes(), () => { });
             log.Close(clean);
         }
         catch (BlockException)

@@ -114,7 +114,8 @@ public sealed class StateFolderBitmapStore : IBitmapStore
         Write(persistent, storeBits: true);
     }
 
-    private void Write(IReadOnlyList<DirtyBitmap> bitmaps, bool storeBits)
+    /// <summary>Make the folder of <see cref="Path"/> (the bitmaps, and a crash-safe node's write-intent log beside them).</summary>
+    public void EnsureFolder()
     {
         if (Path is null)
             return;
@@ -128,6 +129,13 @@ public sealed class StateFolderBitmapStore : IBitmapStore
             throw new BlockException(ErrorIds.ImageIOFailed, BlockErrorCategory.WriteError,
                 $"Cannot create the bitmap state folder '{folder}' for '{_imagePath}': {e.Message}", folder, e);
         }
+    }
+
+    private void Write(IReadOnlyList<DirtyBitmap> bitmaps, bool storeBits)
+    {
+        if (Path is null)
+            return;
+        EnsureFolder();
         BitmapFile.WriteAtomically(Path, BitmapFile.Build(bitmaps, storeBits, _diskSize(), Identity), What);
     }
 }
