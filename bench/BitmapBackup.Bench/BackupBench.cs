@@ -16,6 +16,11 @@ namespace BitmapBackup.Bench;
 /// written as distinct random 64 KiB clusters, each followed by an incremental backup on top of the previous one.
 /// Both chains are checked with qemu-img compare after every step. Peak memory: ours = VmHWM of this process
 /// during the job (reset before it) minus the RSS before it, plus the bytes allocated; QEMU = VmHWM of the daemon.
+/// Each step also prints every run's time with the kernel CPU time it cost (this process, or the daemon): on a
+/// virtual machine whose host takes free memory back, page-cache pages that are new to the guest cost a host fault
+/// on first touch, and that cost lands in the kernel time of whichever engine writes the new target.
+/// Quick checks: BB_BENCH_BACKUP_FORMATS=raw (or qcow2) runs only those sources and skips the memory and 1 TiB
+/// parts; BB_BENCH_WORKERS=n sets our job's workers; BB_BENCH_TRACE=1 prints each job's split and CPU times.
 /// </summary>
 public static class BackupBench
 {
@@ -33,7 +38,11 @@ public static class BackupBench
     /// Total), Part1 = blockdev-add + job (→ BLOCK_JOB_COMPLETED), Part2 = blockdev-del (close); Total = add → del.
     /// Verified: null when this step's chain was not compared (only the first run compares every step).
     /// </summary>
-    private sealed record StepResult(double Total, double Create, double Part1, double Part2, long PeakBytes, long AllocatedBytes, long BytesCopied, long BitmapCountBefore, bool? Verified);
+    private sealed record StepResult(double Total, double Create, double Part1, double Part2, long PeakBytes, long AllocatedBytes, long BytesCopied, long BitmapCountBefore, bool? Verified)
+    {
+        /// <summary>Kernel CPU time of the process during the step (ours: this process; QEMU: the daemon), seconds; NaN when unknown.</summary>
+        public double KernelCpu { get; init; } = double.NaN;
+    }
 
     public static void Run(TextWriter output)
     {
@@ -67,7 +76,7 @@ public static class BackupBench
         WarmUp(dir);
 
         var summary = new List<string>();
-        foreach (string format in new[] { "raw", "qcow2" })
+        foreach (string format in (Environment.GetEnvironmentVariable("BB_BENCH_BACKUP_FORMATS") ?? "raw,qcow2").Split(','))
         {
             string baseImage = format == "raw" ? baseRaw : baseQcow2;
             var ours = new List<StepResult[]>();
@@ -89,8 +98,11 @@ public static class BackupBench
             Print(output, tools, format, ours, theirs, plain, guestWrites, summary);
         }
 
-        MemoryScaling(output, tools, qemu, dir, summary);
-        HugeSparse(output, tools, qemu, dir, summary);
+        if (Environment.GetEnvironmentVariable("BB_BENCH_BACKUP_FORMATS") is null) // a quick check of some formats skips the rest
+        {
+            MemoryScaling(output, tools, qemu, dir, summary);
+            HugeSparse(output, tools, qemu, dir, summary);
+        }
         output.WriteLine("   -- summary");
         foreach (string line in summary)
             output.WriteLine(line);
@@ -140,6 +152,8 @@ public static class BackupBench
     /// <summary>Run one backup job (as BackupJob.Start does, with a status hook) and measure it.</summary>
     private static StepResult OursJob(BlockNode node, BackupRequest request, long bitmapCount)
     {
+        if (int.TryParse(Environment.GetEnvironmentVariable("BB_BENCH_WORKERS"), out int workers) && workers > 0)
+            request = request with { Workers = workers }; // a quick comparison of worker counts
         GC.Collect();
         GC.WaitForPendingFinalizers();
         GC.Collect();
@@ -149,6 +163,7 @@ public static class BackupBench
         ResetPeakRss(pid);
         long allocatedBefore = GC.GetTotalAllocatedBytes(precise: true);
         long pending = 0;
+        double userBefore = CpuSeconds(pid, kernel: false), sysBefore = CpuSeconds(pid, kernel: true);
         long start = Stopwatch.GetTimestamp();
         BackupJob job = BackupJob.Prepare(request);
         long prepared = Stopwatch.GetTimestamp();
@@ -170,7 +185,14 @@ public static class BackupBench
         double total = Stopwatch.GetElapsedTime(start, end).TotalSeconds;
         double create = Stopwatch.GetElapsedTime(start, prepared).TotalSeconds;
         double copy = p == 0 ? double.NaN : Stopwatch.GetElapsedTime(prepared, p).TotalSeconds;
-        return new StepResult(total, create, copy, total - create - copy, rssBefore < 0 || peak < 0 ? -1 : Math.Max(0, peak - rssBefore), allocated, job.BytesTotal, bitmapCount, null);
+        double kernel = CpuSeconds(pid, kernel: true) - sysBefore;
+        TraceNote(string.Format(Inv, "ours job {0}: total {1:F1} ms = create {2:F1} + copy {3:F1} + commit {4:F1}; CPU user {5:F0} ms, kernel {6:F0} ms; CLOCK_MONOTONIC {7:F6}–{8:F6} s (for perf record -k CLOCK_MONOTONIC --time)",
+            Path.GetFileName(request.Target), total * 1000, create * 1000, copy * 1000, (total - create - copy) * 1000,
+            (CpuSeconds(pid, kernel: false) - userBefore) * 1000, kernel * 1000, start / (double)Stopwatch.Frequency, end / (double)Stopwatch.Frequency));
+        return new StepResult(total, create, copy, total - create - copy, rssBefore < 0 || peak < 0 ? -1 : Math.Max(0, peak - rssBefore), allocated, job.BytesTotal, bitmapCount, null)
+        {
+            KernelCpu = kernel,
+        };
     }
 
     private static void GuestWritesOurs(BlockNode node, long[] offsets, byte pattern)
@@ -293,6 +315,7 @@ public static class BackupBench
         qmp.ClearEvents();
         Settle();
         ResetPeakRss(daemon.Pid);
+        double sysBefore = CpuSeconds(daemon.Pid, kernel: true);
         long t0 = Stopwatch.GetTimestamp();
         qmp.Execute("blockdev-add", new JsonObject
         {
@@ -323,8 +346,11 @@ public static class BackupBench
         if (completed["data"]?["error"] is JsonNode error)
             throw new InvalidOperationException($"QEMU backup {jobId} failed: {error}");
         long len = (long?)completed["data"]?["len"] ?? 0;
+        double kernel = CpuSeconds(daemon.Pid, kernel: true) - sysBefore;
+        TraceNote(string.Format(Inv, "QEMU job {0}: total {1:F1} ms = add+job {2:F1} + close {3:F1}; daemon kernel CPU {4:F0} ms", jobId, Stopwatch.GetElapsedTime(t0, t4).TotalMilliseconds,
+            Stopwatch.GetElapsedTime(t0, t2).TotalMilliseconds, Stopwatch.GetElapsedTime(t3, t4).TotalMilliseconds, kernel * 1000));
         return new StepResult(Stopwatch.GetElapsedTime(t0, t4).TotalSeconds, 0, Stopwatch.GetElapsedTime(t0, t2).TotalSeconds,
-            Stopwatch.GetElapsedTime(t3, t4).TotalSeconds, peak, 0, len, 0, null);
+            Stopwatch.GetElapsedTime(t3, t4).TotalSeconds, peak, 0, len, 0, null) { KernelCpu = kernel };
     }
 
     private static long BitmapCount(QmpClient qmp)
@@ -564,6 +590,10 @@ public static class BackupBench
     /// <summary>Issue 13's goals: full and 25 % at most 0.75 of QEMU's time, 5 % at most 0.7, 1 % at most 0.6.</summary>
     private static double Goal(int step) => step switch { 1 => 0.6, 2 => 0.7, _ => 0.75 };
 
+    /// <summary>Each run's time and kernel CPU time of one step: "41 (33), 17 (9), ..." in milliseconds.</summary>
+    private static string PerRun(List<StepResult[]> runs, int step)
+        => string.Join(", ", runs.Select(r => string.Format(Inv, "{0:F0} ({1:F0})", r[step].Total * 1000, r[step].KernelCpu * 1000)));
+
     private static double Med(List<StepResult[]> runs, int step, Func<StepResult, double> field) => Median(runs.Select(r => field(r[step])).ToArray());
 
     private static void Print(TextWriter output, QemuTools tools, string format, List<StepResult[]> ours, List<StepResult[]> theirs, List<double[]> plain, List<double> guestWrites, List<string> summary)
@@ -605,6 +635,8 @@ public static class BackupBench
             output.WriteLine(sb.ToString());
             output.WriteLine("   {0,-44} ours range {1} s{2}, plain range {3} s",
                 "", Range(o), haveQemu ? $", QEMU range {Range(q)} s" : "", Range(p));
+            output.WriteLine("   {0,-44} per run, ms (kernel CPU ms): ours {1}{2}",
+                "", PerRun(ours, s), haveQemu ? "; QEMU " + PerRun(theirs, s) : "");
             if (haveQemu)
             {
                 double[] perRun = o.Zip(q, (a, b) => a / b).ToArray();

@@ -75,6 +75,31 @@ internal static class BenchSupport
 
     public static void Trace(string what, Action body) => Trace(what, () => { body(); return 0; });
 
+    /// <summary>
+    /// User or kernel CPU time of a process so far, in seconds (utime or stime of /proc/PID/stat, in clock ticks of
+    /// 1/100 s); NaN when unreadable. Kernel time shows where this machine's cost of fresh page-cache pages lands.
+    /// </summary>
+    public static double CpuSeconds(int pid, bool kernel)
+    {
+        try
+        {
+            string stat = File.ReadAllText($"/proc/{pid}/stat");
+            string[] fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' '); // fields from the 3rd (state) on
+            return long.Parse(fields[kernel ? 12 : 11], NumberStyles.Integer, Inv) / 100.0;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException or IndexOutOfRangeException)
+        {
+            return double.NaN;
+        }
+    }
+
+    /// <summary>BB_BENCH_TRACE=1: print a note on one timed run (to stderr).</summary>
+    public static void TraceNote(string note)
+    {
+        if (Tracing)
+            Console.Error.WriteLine("      [trace] " + note);
+    }
+
     /// <summary>Rounds/runs per metric: <paramref name="fallback"/>, or BB_BENCH_RUNS when set (quick checks).</summary>
     public static int RunsOr(int fallback)
         => int.TryParse(Environment.GetEnvironmentVariable("BB_BENCH_RUNS"), NumberStyles.Integer, Inv, out int n) && n > 0 ? n : fallback;
