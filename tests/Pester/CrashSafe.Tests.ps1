@@ -196,7 +196,7 @@ Describe 'Crash-safe bitmaps: bad input' {
         Set-Content -Path (Join-Path "$path.intent" 'keep') -Value keep
         $null = Open-BlockNode -Path $path -Name nl
         { New-DirtyBitmap -Node nl -Name b -Persistent -CrashSafe -ErrorAction Stop } |
-            Should -Throw -ErrorId 'IntentLogUnavailable,BitmapBackup.NewDirtyBitmapCommand'
+            Should -Throw -ErrorId 'IntentLogUnavailable,BitmapBackup.NewDirtyBitmapCommand' -ExpectedMessage "*'$path.intent' cannot be written beside the image*"
         @(Get-DirtyBitmap -Node nl).Count | Should -Be 0
         Close-BlockNode nl
         @(Get-DirtyBitmap -Path $path).Count | Should -Be 0 -Because 'the image stores no bitmap'
@@ -337,6 +337,22 @@ Describe 'Crash-safe bitmaps: where the log goes, and Set-DirtyBitmap in a trans
         $logs[0].FullName | Should -Be "$((Get-BlockNode st).BitmapStore).intent"
         Close-BlockNode st
         (Get-DirtyBitmap -Path $path -BitmapStore $store).CrashSafe | Should -BeTrue -Because 'the reader looks where the writer wrote'
+    }
+
+    It 'a log that cannot be created in a -BitmapStore folder is refused with IntentLogUnavailable naming that folder, nothing changed' {
+        $path = New-TestImage -Directory $dir -Size 4MB
+        $store = Join-Path $dir 'store-nl'
+        $null = Open-BlockNode -Path $path -Name snl -BitmapStore $store
+        $log = "$((Get-BlockNode snl).BitmapStore).intent"
+        $null = New-Item -ItemType Directory -Force -Path $log # a folder where the log must go
+        Set-Content -Path (Join-Path $log 'keep') -Value keep
+        { New-DirtyBitmap -Node snl -Name b -Persistent -CrashSafe -ErrorAction Stop } |
+            Should -Throw -ErrorId 'IntentLogUnavailable,BitmapBackup.NewDirtyBitmapCommand' -ExpectedMessage "*'$log' cannot be written in the bitmap state folder*"
+        @(Get-DirtyBitmap -Node snl).Count | Should -Be 0
+        Test-Path "$path.intent" | Should -BeFalse -Because 'nothing is written beside the image either'
+        Close-BlockNode snl
+        @(Get-DirtyBitmap -Path $path -BitmapStore $store).Count | Should -Be 0
+        Test-Path (Join-Path $log 'keep') | Should -BeTrue
     }
 
     It 'acts at once inside Invoke-BitmapTransaction (it is not one of its actions)' {

@@ -359,10 +359,10 @@ Start-Sleep -Seconds 60
         }
         finally { Stop-ChildHard $child }
         $paths = @(Assert-ChainSound -Chain $chain -Because "after a kill $delay ms into the merge")
-        $paths.Count | Should -BeIn @(6, 2)
+        $paths.Count | Should -BeIn @(6, 2) -Because "after a kill $delay ms into the merge (seed $(40 + $Run))"
         $null = Merge-BackupChain -Path $chain.Top -Keep 2 -Wait -Confirm:$false
-        @(Assert-ChainSound -Chain $chain) | Should -Be @($chain.Images[4..5])
-        Get-Leftover $chain.Dir | Should -BeNullOrEmpty
+        @(Assert-ChainSound -Chain $chain -Because "the merge after a kill $delay ms into the first") | Should -Be @($chain.Images[4..5]) -Because "the merge after a kill $delay ms into the first"
+        Get-Leftover $chain.Dir | Should -BeNullOrEmpty -Because "the merge after a kill $delay ms into the first leaves nothing behind"
     }
 
     It 'a merge running when PowerShell exits is stopped, and the chain is as it was' {

@@ -512,7 +512,7 @@ public sealed partial class BlockNode : IDisposable
         catch (BlockException e)
         {
             Throw.Block(ErrorIds.IntentLogUnavailable, e.Category,
-                $"Can't make bitmap '{bitmap.Name}' crash-safe on node '{Name}': its write-intent log '{IntentLogPath}' cannot be written beside the image ({e.Message}). Nothing was changed.", bitmap.Name, e);
+                $"Can't make bitmap '{bitmap.Name}' crash-safe on node '{Name}': its write-intent log '{IntentLogPath}' cannot be written {(Store is StateFolderBitmapStore ? "in the bitmap state folder" : "beside the image")} ({e.Message}). Nothing was changed.", bitmap.Name, e);
         }
     }
 
