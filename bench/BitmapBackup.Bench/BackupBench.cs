@@ -19,6 +19,8 @@ namespace BitmapBackup.Bench;
 /// Each step also prints every run's time with the kernel CPU time it cost (this process, or the daemon): on a
 /// virtual machine whose host takes free memory back, page-cache pages that are new to the guest cost a host fault
 /// on first touch, and that cost lands in the kernel time of whichever engine writes the new target.
+/// Before every timed run of the 1 GiB scenario (ours, QEMU's and the plain yardstick alike) the page allocator is warmed
+/// (<see cref="BenchSupport.WarmFreePages"/>; BB_BENCH_WARM=0 skips it), so that this cost is the same for all of them.
 /// Quick checks: BB_BENCH_BACKUP_FORMATS=raw (or qcow2) runs only those sources and skips the memory and 1 TiB
 /// parts; BB_BENCH_WORKERS=n sets our job's workers; BB_BENCH_TRACE=1 prints each job's split and CPU times.
 /// </summary>
@@ -63,6 +65,9 @@ public static class BackupBench
         output.WriteLine("   plain = full: cp --sparse=always of the source + fsync; incremental: pwrite of the dirty 64 KiB clusters into a written 1 GiB file + fsync");
         output.WriteLine("   sources: sparse files copied with cp --sparse=always (/tmp is ext4 mounted with 'discard': deleting the scattered sources between runs costs seconds, untimed)");
         output.WriteLine("   page cache: {0}; guest writes through QEMU's NBD export with qemu-io -t writeback", CacheNote("sources were just copied (warm)"));
+        output.WriteLine("   page allocator: {0}", Warm
+            ? "before every timed run (ours, QEMU's, plain) a scratch file a little larger than what the run writes is written and deleted, so that each run's new page-cache pages are pages the guest has just used (on a VM whose host takes free memory back, a page new to the guest costs a host fault on first touch; BB_BENCH_WARM=0 skips this)"
+            : "not warmed (BB_BENCH_WARM=0): a run's new page-cache pages may cost a host fault each, depending on what the suite deleted before it");
 
         string baseRaw = dir.File("base.raw");
         string baseQcow2 = dir.File("base.qcow2");
@@ -125,7 +130,7 @@ public static class BackupBench
             results[0] = OursJob(node, new BackupRequest
             {
                 Source = node, Target = dir.File(previous), Sync = BackupSyncMode.Full, BitmapName = "bm0", BitmapMode = BitmapSyncMode.OnSuccess,
-            }, 0) with { Verified = verifyAll ? VerifyOurs(tools, node, format, dir.File(previous)) : null };
+            }, 0, WarmBytes(0)) with { Verified = verifyAll ? VerifyOurs(tools, node, format, dir.File(previous)) : null };
             for (int i = 0; i < Steps.Length; i++)
             {
                 Trace("guest writes ours", () => GuestWritesOurs(node, offsets[i], Pattern(i)));
@@ -134,7 +139,7 @@ public static class BackupBench
                 results[i + 1] = OursJob(node, new BackupRequest
                 {
                     Source = node, Target = dir.File(target), Sync = BackupSyncMode.Incremental, BitmapName = "bm0", BitmapMode = BitmapSyncMode.OnSuccess, BackingFile = previous,
-                }, count);
+                }, count, WarmBytes(i + 1));
                 bool countsOk = count == offsets[i].Length * (long)ClusterBytes && bitmap.Count == 0;
                 bool compare = verifyAll || i == Steps.Length - 1;
                 results[i + 1] = results[i + 1] with { Verified = compare ? countsOk && VerifyOurs(tools, node, format, dir.File(target)) : countsOk ? null : false };
@@ -150,7 +155,7 @@ public static class BackupBench
     }
 
     /// <summary>Run one backup job (as BackupJob.Start does, with a status hook) and measure it.</summary>
-    private static StepResult OursJob(BlockNode node, BackupRequest request, long bitmapCount)
+    private static StepResult OursJob(BlockNode node, BackupRequest request, long bitmapCount, long warmBytes = 0)
     {
         if (int.TryParse(Environment.GetEnvironmentVariable("BB_BENCH_WORKERS"), out int workers) && workers > 0)
             request = request with { Workers = workers }; // a quick comparison of worker counts
@@ -158,6 +163,7 @@ public static class BackupBench
         GC.WaitForPendingFinalizers();
         GC.Collect();
         Settle();
+        WarmFreePages(Path.GetDirectoryName(request.Target)!, warmBytes);
         int pid = Environment.ProcessId;
         long rssBefore = ProcStatusBytes(pid, "VmRSS");
         ResetPeakRss(pid);
@@ -288,7 +294,7 @@ public static class BackupBench
         {
             string previous = "q-full.qcow2";
             double create = RunChecked(img, ["create", "-q", "-f", "qcow2", dir.File(previous), ImageBytes.ToString(Inv)]).Seconds;
-            results[0] = QemuJob(daemon, dir.File(previous), "tgt0", "job0", full: true) with { Create = create };
+            results[0] = QemuJob(daemon, dir.File(previous), "tgt0", "job0", full: true, WarmBytes(0)) with { Create = create };
             results[0] = results[0] with { Verified = verifyAll ? VerifyQemu(img, daemon, dir.File(previous)) : null };
             for (int i = 0; i < Steps.Length; i++)
             {
@@ -298,7 +304,7 @@ public static class BackupBench
                 long count = BitmapCount(daemon.Qmp);
                 string target = $"q-inc{i + 1}.qcow2";
                 create = RunChecked(img, ["create", "-q", "-f", "qcow2", "-b", previous, "-F", "qcow2", target], workingDirectory: dir.Path).Seconds;
-                results[i + 1] = QemuJob(daemon, dir.File(target), $"tgt{i + 1}", $"job{i + 1}", full: false) with { BitmapCountBefore = count, Create = create };
+                results[i + 1] = QemuJob(daemon, dir.File(target), $"tgt{i + 1}", $"job{i + 1}", full: false, WarmBytes(i + 1)) with { BitmapCountBefore = count, Create = create };
                 bool countsOk = count == offsets[i].Length * (long)ClusterBytes && BitmapCount(daemon.Qmp) == 0;
                 bool compare = verifyAll || i == Steps.Length - 1;
                 results[i + 1] = results[i + 1] with { Verified = compare ? countsOk && VerifyQemu(img, daemon, dir.File(target)) : countsOk ? null : false };
@@ -309,11 +315,12 @@ public static class BackupBench
         return results;
     }
 
-    private static StepResult QemuJob(Daemon daemon, string target, string nodeName, string jobId, bool full)
+    private static StepResult QemuJob(Daemon daemon, string target, string nodeName, string jobId, bool full, long warmBytes = 0)
     {
         QmpClient qmp = daemon.Qmp;
         qmp.ClearEvents();
         Settle();
+        WarmFreePages(Path.GetDirectoryName(target)!, warmBytes);
         ResetPeakRss(daemon.Pid);
         double sysBefore = CpuSeconds(daemon.Pid, kernel: true);
         long t0 = Stopwatch.GetTimestamp();
@@ -379,6 +386,7 @@ public static class BackupBench
         var times = new double[Steps.Length + 1];
         string copy = dir.File("p-copy");
         Settle();
+        WarmFreePages(dir.Path, WarmBytes(0));
         long start0 = Stopwatch.GetTimestamp();
         RunChecked("cp", ["--sparse=always", baseImage, copy]);
         using (var handle = File.OpenHandle(copy, FileMode.Open, FileAccess.Write))
@@ -391,6 +399,7 @@ public static class BackupBench
         {
             Array.Fill(data, Pattern(i));
             Settle();
+            WarmFreePages(dir.Path, WarmBytes(i + 1));
             long start = Stopwatch.GetTimestamp();
             using (var handle = File.OpenHandle(scratch, FileMode.Open, FileAccess.Write))
             {
@@ -664,6 +673,13 @@ public static class BackupBench
         if (oursOk != oursAll || qemuOk != qemuAll)
             summary.Add(verify + " [MISSED]");
     }
+
+    /// <summary>
+    /// What <see cref="WarmFreePages"/> writes before step <paramref name="step"/> (0 = full): a little more than the
+    /// step writes into its new target (the full backup's 512 MiB of data, or the dirty clusters), plus metadata.
+    /// </summary>
+    private static long WarmBytes(int step)
+        => (step == 0 ? Extents * MiB : Steps[step - 1].Writes * (long)ClusterBytes) * 5 / 4 + (16 * MiB);
 
     // ---- Inputs and files. ----
 

@@ -5,10 +5,10 @@ using Microsoft.Win32.SafeHandles;
 namespace BitmapBackup.Core.Digests;
 
 /*
- * Writes the manifest of a backup while the backup copies. Crash order: everything goes to "<manifest>.tmp"; the
- * rename to "<manifest>" happens only once the backup itself has committed (Commit, called after the target's
- * rename), after an fsync; so a crash leaves the previous manifest or the new one, never a torn one, and a manifest
- * never describes a backup that does not exist.
+ * Writes the manifest of a backup while the backup copies. Crash order: everything goes to "<manifest>.tmp", which is
+ * completed and fsynced before the backup commits (Seal, run beside the target's own sync); the rename to "<manifest>"
+ * happens only once the backup itself has committed (Commit, called after the target's rename); so a crash leaves the
+ * previous manifest or the new one, never a torn one, and a manifest never describes a backup that does not exist.
  *
  * A full backup starts from a sparse file (every digest 0: "reads as zeros") and writes the digest of each cluster
  * it copies; an incremental starts from a copy of the previous backup's manifest and rewrites the clusters it copies.
@@ -17,7 +17,7 @@ namespace BitmapBackup.Core.Digests;
  * Either way the source is read once, by the copy itself.
  *
  * Digests are gathered in 4 KiB pages (256 clusters) and each page is written once: when it is whole, when more than
- * MaxPendingPages are pending (the oldest goes), and at Commit. A
+ * MaxPendingPages are pending (the oldest goes), and at Seal. A
  * page not whole is read first and overlaid, so the previous backup's digests around it stay. A scattered incremental
  * of 819 clusters thus costs about 64 page writes, not 819 16-byte ones; memory stays under 1 MiB whatever the disk.
  */
@@ -144,10 +144,22 @@ public sealed class DigestManifestWriter : IDisposable
     }
 
     /// <summary>
-    /// Write every digest still gathered, before the backup commits: a full disk then fails the backup (which can still
-    /// be undone), not the manifest of a backup already named. <see cref="Commit"/> makes it durable.
+    /// Before the backup commits: write every digest still gathered and the header with <paramref name="pointInTime"/>,
+    /// and sync the file, so that a full disk fails the backup (which can still be undone), not the manifest of a backup
+    /// already named, and <see cref="Commit"/> has only the rename left. Runs beside the target's own sync (the two files
+    /// are synced at once). Retried after a failure: whatever failed is written again.
     /// </summary>
-    public void WriteOut() => FlushPages();
+    public void Seal(DateTimeOffset pointInTime)
+    {
+        FlushPages();
+        byte[] header = DigestManifest.FormatHeader(Info with { PointInTime = pointInTime });
+        Io("write at offset 0", () => RandomAccess.Write(_handle, header, 0));
+        Io("flush", () => RandomAccess.FlushToDisk(_handle));
+        _sealedAt = pointInTime;
+    }
+
+    /// <summary>The point in time of the last <see cref="Seal"/> that succeeded, or null.</summary>
+    private DateTimeOffset? _sealedAt;
 
     /// <summary>Write every page still gathered.</summary>
     private void FlushPages()
@@ -194,10 +206,8 @@ public sealed class DigestManifestWriter : IDisposable
     /// <summary>The backup has committed: stamp its point in time, make the manifest durable and give it its name.</summary>
     public void Commit(DateTimeOffset pointInTime)
     {
-        FlushPages();
-        byte[] header = DigestManifest.FormatHeader(Info with { PointInTime = pointInTime });
-        Io("write at offset 0", () => RandomAccess.Write(_handle, header, 0));
-        Io("flush", () => RandomAccess.FlushToDisk(_handle));
+        if (_sealedAt != pointInTime || _pages.Count > 0)
+            Seal(pointInTime);
         _handle.Dispose();
         Io("rename", () => File.Move(TempPath, Path, overwrite: true));
         _done = true;

@@ -593,8 +593,7 @@ public sealed class BackupJob
             BlockException error;
             try
             {
-                _target.Prepare();
-                _digests?.WriteOut(); // the manifest's last digests: a full disk fails (or pauses) the backup, not its manifest
+                PrepareTargetAndManifest();
                 return null;
             }
             catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
@@ -626,6 +625,41 @@ public sealed class BackupJob
                 return Cancelled();
             }
         }
+    }
+
+    /// <summary>
+    /// The target's data and metadata synced, and the manifest's last digests written and synced (a full disk fails, or
+    /// pauses, the backup, not its manifest): the two syncs at once, the manifest's on a pool thread, since each waits
+    /// for the disk. The target's failure is thrown first.
+    /// </summary>
+    private void PrepareTargetAndManifest()
+    {
+        if (_digests is not { } digests)
+        {
+            _target.Prepare();
+            return;
+        }
+        DateTimeOffset pointInTime = PointInTime;
+        Task manifest = Task.Run(() => digests.Seal(pointInTime));
+        Exception? targetFailure = null;
+        try
+        {
+            _target.Prepare();
+        }
+        catch (Exception e)
+        {
+            targetFailure = e;
+        }
+        try
+        {
+            manifest.GetAwaiter().GetResult();
+        }
+        catch (Exception) when (targetFailure is not null)
+        {
+            // the target's own failure is the one reported
+        }
+        if (targetFailure is not null)
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(targetFailure);
     }
 
     private BlockException? FinalizeSuccess()
