@@ -206,8 +206,11 @@ public sealed class DigestManifestWriter : IDisposable
     /// <summary>The backup has committed: stamp its point in time, make the manifest durable and give it its name.</summary>
     public void Commit(DateTimeOffset pointInTime)
     {
-        if (_sealedAt != pointInTime || _pages.Count > 0)
-            Seal(pointInTime);
+        bool pending;
+        lock (_pagesLock)
+            pending = _pages.Count > 0;
+        if (_sealedAt != pointInTime || pending)
+            Seal(pointInTime); // not sealed before the commit (or written to since): do it now
         _handle.Dispose();
         Io("rename", () => File.Move(TempPath, Path, overwrite: true));
         _done = true;
