@@ -354,8 +354,8 @@ public static class BackupBench
             throw new InvalidOperationException($"QEMU backup {jobId} failed: {error}");
         long len = (long?)completed["data"]?["len"] ?? 0;
         double kernel = CpuSeconds(daemon.Pid, kernel: true) - sysBefore;
-        TraceNote(string.Format(Inv, "QEMU job {0}: total {1:F1} ms = add+job {2:F1} + close {3:F1}; daemon kernel CPU {4:F0} ms", jobId, Stopwatch.GetElapsedTime(t0, t4).TotalMilliseconds,
-            Stopwatch.GetElapsedTime(t0, t2).TotalMilliseconds, Stopwatch.GetElapsedTime(t3, t4).TotalMilliseconds, kernel * 1000));
+        TraceNote(string.Format(Inv, "QEMU job {0}: total {1:F1} ms = add+job {2:F1} + close {3:F1}; daemon kernel CPU {4:F0} ms; CLOCK_MONOTONIC {5:F6}–{6:F6} s", jobId, Stopwatch.GetElapsedTime(t0, t4).TotalMilliseconds,
+            Stopwatch.GetElapsedTime(t0, t2).TotalMilliseconds, Stopwatch.GetElapsedTime(t3, t4).TotalMilliseconds, kernel * 1000, t0 / (double)Stopwatch.Frequency, t4 / (double)Stopwatch.Frequency));
         return new StepResult(Stopwatch.GetElapsedTime(t0, t4).TotalSeconds, 0, Stopwatch.GetElapsedTime(t0, t2).TotalSeconds,
             Stopwatch.GetElapsedTime(t3, t4).TotalSeconds, peak, 0, len, 0, null) { KernelCpu = kernel };
     }
