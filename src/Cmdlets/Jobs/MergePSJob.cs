@@ -1,4 +1,3 @@
-using System.ComponentModel;
 using System.Management.Automation;
 using BitmapBackup.Core.Chains;
 using BitmapBackup.Core.Errors;
@@ -10,25 +9,15 @@ namespace BitmapBackup;
 /// Stop-Job (stops it before its switch: the chain stays as it was) and Remove-Job work on it. Progress records are
 /// written to the Progress stream while it copies. Completed, Failed or Stopped when it concludes.
 /// </summary>
-public sealed class MergePSJob : Job2
+public sealed class MergePSJob : EnginePSJob
 {
     internal const string TypeName = "BitmapBackupMergeJob";
-    private static readonly TimeSpan ProgressInterval = TimeSpan.FromMilliseconds(250);
-    private static long s_activity;
-
-    private readonly Timer _progressTimer;
-    private readonly Lock _progressLock = new();
-    private readonly int _activityId;
-    private int _finished;
 
     internal MergePSJob(ChainMerge merge, string command, string? name)
         : base(command, name ?? merge.Id)
     {
         Merge = merge;
         PSJobTypeName = TypeName;
-        _activityId = (int)(Interlocked.Increment(ref s_activity) & 0x7fffffff);
-        Output.EnumeratorNeverBlocks = true;
-        _progressTimer = new Timer(_ => WriteProgressRecord(), null, Timeout.Infinite, Timeout.Infinite);
         merge.Concluded += Conclude;
     }
 
@@ -49,68 +38,28 @@ public sealed class MergePSJob : Job2
 
     public override string Location => Merge.TopPath;
 
-    public override bool HasMoreData => Output.Count > 0 || Error.Count > 0 || Progress.Count > 0 || Warning.Count > 0 || Verbose.Count > 0;
-
     /// <summary>Start the engine's merge and follow it.</summary>
     public override void StartJob()
     {
-        lock (_progressLock)
-        {
-            if (Volatile.Read(ref _finished) == 0)
-            {
-                SetJobState(JobState.Running);
-                _progressTimer.Change(TimeSpan.Zero, ProgressInterval);
-            }
-        }
+        BeginRunning();
         Merge.Run();
-    }
-
-    public override void StartJobAsync()
-    {
-        StartJob();
-        OnStartJobCompleted(new AsyncCompletedEventArgs(null, false, null));
     }
 
     /// <summary>How long Stop-Job (and Remove-Job -Force) waits for a stopped merge to clean up.</summary>
     public static TimeSpan StopTimeout { get; set; } = TimeSpan.FromSeconds(30);
 
+    private protected override TimeSpan StopWait => StopTimeout;
+
     /// <summary>
-    /// Stop the merge and wait until it has concluded: before its switch the merged image is deleted and the chain is
-    /// as it was; from the switch on the merge finishes (a few renames and deletions) and the job completes.
+    /// Stop-Job: before its switch the merged image is deleted and the chain is as it was; from the switch on the merge
+    /// finishes (a few renames and deletions) and the job completes.
     /// </summary>
-    public override void StopJob()
-    {
-        if (Volatile.Read(ref _finished) != 0)
-            return;
-        SetJobState(JobState.Stopping);
-        Merge.Cancel();
-        if (!Merge.Completion.Wait(StopTimeout))
-        {
-            GiveUpWaiting();
-            return;
-        }
-        Finished.WaitOne(StopTimeout);
-    }
+    private protected override void CancelEngineJob() => Merge.Cancel();
 
-    private void GiveUpWaiting()
-    {
-        lock (_progressLock)
-        {
-            if (Volatile.Read(ref _finished) != 0)
-                return;
-            _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
-            Volatile.Write(ref _finished, 1);
-        }
-        var error = new BlockException(ErrorIds.JobStopTimedOut, BlockErrorCategory.OperationTimeout,
-            $"Merge job '{Name}' was stopped but did not finish within {StopTimeout.TotalSeconds:0} s (status {Merge.Status}); the job can be removed, the merge concludes when its storage answers.", Name);
-        SetJobState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Conclude)
-    }
+    private protected override Task EngineCompletion => Merge.Completion;
 
-    public override void StopJobAsync() => JobVerbs.RunAsync(StopJob, OnStopJobCompleted);
-
-    public override void StopJob(bool force, string reason) => StopJob();
-
-    public override void StopJobAsync(bool force, string reason) => StopJobAsync();
+    private protected override string StopTimedOutMessage(TimeSpan waited)
+        => $"Merge job '{Name}' was stopped but did not finish within {waited.TotalSeconds:0} s (status {Merge.Status}); the job can be removed, the merge concludes when its storage answers.";
 
     public override void SuspendJob() => throw new NotSupportedException("A chain merge cannot be suspended; stop it (Stop-Job) and run it again later.");
 
@@ -130,42 +79,21 @@ public sealed class MergePSJob : Job2
 
     private void Conclude(ChainMerge merge)
     {
-        lock (_progressLock)
-        {
-            if (Volatile.Read(ref _finished) != 0)
-                return;
-            _progressTimer.Change(Timeout.Infinite, Timeout.Infinite);
-            AddProgressRecord();
-            Volatile.Write(ref _finished, 1);
-        }
+        if (!TryFinish(lastRecord: true))
+            return;
         foreach (string warning in merge.Warnings)
             Warning.Add(new WarningRecord(warning));
         Output.Add(PSObject.AsPSObject(new BackupChainMergeResult(merge)));
         BlockException? error = merge.Error;
         if (error is null)
-        {
-            SetJobState(JobState.Completed);
-        }
+            SetState(JobState.Completed);
         else if (error.ErrorId == ErrorIds.MergeCancelled)
-        {
-            SetJobState(JobState.Stopped);
-        }
+            SetState(JobState.Stopped);
         else
-        {
-            SetJobState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Conclude)
-        }
+            SetState(JobState.Failed, error);   // the reason, as a backup job's (BackupPSJob.Conclude)
     }
 
-    private void WriteProgressRecord()
-    {
-        lock (_progressLock)
-        {
-            if (Volatile.Read(ref _finished) == 0)
-                AddProgressRecord();
-        }
-    }
-
-    private void AddProgressRecord() => Progress.Add(CreateProgressRecord(_activityId, Merge));
+    private protected override ProgressRecord CreateProgressRecord() => CreateProgressRecord(ActivityId, Merge);
 
     /// <summary>The progress record of a merge: its phase, and the bytes copied of the bytes to copy.</summary>
     internal static ProgressRecord CreateProgressRecord(int activityId, ChainMerge merge)
@@ -184,10 +112,7 @@ public sealed class MergePSJob : Job2
     protected override void Dispose(bool disposing)
     {
         if (disposing)
-        {
             Merge.Concluded -= Conclude;
-            _progressTimer.Dispose();
-        }
         base.Dispose(disposing);
     }
 }
